@@ -1,0 +1,39 @@
+//! Shared pieces of backhaul. A map of the modules:
+//!
+//! | module      | owns                                                                          |
+//! |-------------|-------------------------------------------------------------------------------|
+//! | [`wire`]    | the agent link's binary frames and batches: encode/decode, no IO               |
+//! | [`reliable`]| per-direction sequence numbers, acknowledgements and the retransmit buffer     |
+//! | [`api`]     | the agent API's paths, hello messages and backend-id rules                     |
+//! | [`bridge`]  | one TCP connection <-> one WebSocket, with the half-close convention          |
+//! | [`dial`]    | opening a WebSocket to a `ws://`/`wss://` URL, optionally via an HTTP proxy   |
+//! | [`tls`]     | loading certificates and keys into rustls configurations                      |
+//! | [`backoff`] | jittered exponential backoff for reconnect loops                              |
+//! | [`telemetry`] | tracing set-up, the stdout "ready" lines, shutdown signals                   |
+//!
+//! The async code in the programs is a thin shell around the IO-free logic in `wire` and
+//! `reliable`, which the unit tests drive with byte literals.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod backoff;
+pub mod bridge;
+pub mod dial;
+pub mod reliable;
+pub mod telemetry;
+pub mod tls;
+pub mod wire;
+
+/// Exit code for a configuration the program refuses to start with (BSD `EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Largest WebSocket message any backhaul program accepts or produces. Messages are carried
+/// whole across the agent link, so this also bounds per-session reassembly memory.
+pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// The WebSocket configuration all four programs use, so limits agree end to end.
+pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_SIZE))
+        .max_frame_size(Some(MAX_MESSAGE_SIZE))
+}
