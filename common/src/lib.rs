@@ -4,6 +4,7 @@
 //! |-------------|-------------------------------------------------------------------------------|
 //! | [`wire`]    | the agent link's binary frames and batches: encode/decode, no IO               |
 //! | [`reliable`]| per-direction sequence numbers, acknowledgements and the retransmit buffer     |
+//! | [`session`] | one session between a WebSocket and the link, with per-session flow control |
 //! | [`api`]     | the agent API's paths, hello messages and backend-id rules                     |
 //! | [`bridge`]  | one TCP connection <-> one WebSocket, with the half-close convention          |
 //! | [`dial`]    | opening a WebSocket to a `ws://`/`wss://` URL, optionally via an HTTP proxy   |
@@ -20,6 +21,7 @@ pub mod backoff;
 pub mod bridge;
 pub mod dial;
 pub mod reliable;
+pub mod session;
 pub mod telemetry;
 pub mod tls;
 pub mod wire;

@@ -1,1 +1,443 @@
-//! (being written)
+//! The agent link's binary wire format: frames and the batches that carry them. No IO here.
+//!
+//! Every HTTP body exchanged between agent and relay (a poll response, a push request, a push
+//! response) is one *batch*:
+//!
+//! ```text
+//! batch  = version:u8 (=1) | ack:u64 | first_seq:u64 | frame*
+//! frame  = kind:u8 | flags:u8 | session:u32 | len:u32 | payload[len]
+//! ```
+//!
+//! All integers are big-endian. `ack` acknowledges the *other* direction: every frame with a
+//! sequence number below it has been received. The frames of a batch carry the consecutive
+//! sequence numbers `first_seq, first_seq + 1, ...`. See `docs/protocol.md` for the semantics.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Version byte that opens every batch.
+pub const VERSION: u8 = 1;
+/// Bytes of the batch header: version, ack, first_seq.
+pub const BATCH_HEADER_LEN: usize = 1 + 8 + 8;
+/// Bytes of a frame header: kind, flags, session, len.
+pub const FRAME_HEADER_LEN: usize = 1 + 1 + 4 + 4;
+/// Largest DATA chunk a sender produces; messages above it are split into several frames.
+pub const MAX_CHUNK: usize = 64 * 1024;
+/// Largest payload a decoder accepts for any frame. Bounds the memory one frame can claim.
+pub const MAX_FRAME_PAYLOAD: usize = MAX_CHUNK;
+
+/// DATA flag: the message is text (otherwise binary). Set on every chunk of a text message.
+pub const FLAG_TEXT: u8 = 0b01;
+/// DATA flag: this chunk ends the message.
+pub const FLAG_FIN: u8 = 0b10;
+/// CLOSE flag: the session ended abnormally; drop the WebSocket without a close handshake.
+pub const FLAG_ABORT: u8 = 0b01;
+
+/// What a frame means. The numbers are the wire values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// relay -> agent: a new session; payload is the JSON [`crate::api::OpenRequest`].
+    Open = 1,
+    /// agent -> relay: the backend accepted the session; payload is JSON [`crate::api::Opened`].
+    Opened = 2,
+    /// A chunk of a WebSocket message (see [`FLAG_TEXT`], [`FLAG_FIN`]).
+    Data = 3,
+    /// A WebSocket ping with its payload.
+    Ping = 4,
+    /// A WebSocket pong with its payload.
+    Pong = 5,
+    /// The session is over: payload is `code:u16 | reason` (or empty for no status code).
+    Close = 6,
+    /// Flow control: payload is `credit:u32`, bytes of DATA the receiver has consumed.
+    Window = 7,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Kind::Open,
+            2 => Kind::Opened,
+            3 => Kind::Data,
+            4 => Kind::Ping,
+            5 => Kind::Pong,
+            6 => Kind::Close,
+            7 => Kind::Window,
+            _ => return None,
+        })
+    }
+}
+
+/// One frame of the agent link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub flags: u8,
+    pub session: u32,
+    pub payload: Bytes,
+}
+
+impl Frame {
+    pub fn new(kind: Kind, flags: u8, session: u32, payload: Bytes) -> Self {
+        Self {
+            kind,
+            flags,
+            session,
+            payload,
+        }
+    }
+
+    pub fn data(session: u32, text: bool, fin: bool, payload: Bytes) -> Self {
+        let mut flags = 0;
+        if text {
+            flags |= FLAG_TEXT;
+        }
+        if fin {
+            flags |= FLAG_FIN;
+        }
+        Self::new(Kind::Data, flags, session, payload)
+    }
+
+    /// A CLOSE carrying a WebSocket close code and reason (the reason is cut to the 123 bytes a
+    /// WebSocket close frame can hold, on a character boundary).
+    pub fn close(session: u32, code: u16, reason: &str) -> Self {
+        let reason = truncate_utf8(reason, 123);
+        let mut buf = BytesMut::with_capacity(2 + reason.len());
+        buf.put_u16(code);
+        buf.put_slice(reason.as_bytes());
+        Self::new(Kind::Close, 0, session, buf.freeze())
+    }
+
+    /// A CLOSE without a status code.
+    pub fn close_empty(session: u32) -> Self {
+        Self::new(Kind::Close, 0, session, Bytes::new())
+    }
+
+    /// A CLOSE telling the peer to drop its WebSocket abruptly (the far side vanished).
+    pub fn abort(session: u32, reason: &str) -> Self {
+        let mut f = Self::close(session, 1011, reason);
+        f.flags = FLAG_ABORT;
+        f
+    }
+
+    pub fn window(session: u32, credit: u32) -> Self {
+        Self::new(
+            Kind::Window,
+            0,
+            session,
+            Bytes::copy_from_slice(&credit.to_be_bytes()),
+        )
+    }
+
+    pub fn is_text(&self) -> bool {
+        self.flags & FLAG_TEXT != 0
+    }
+
+    pub fn is_fin(&self) -> bool {
+        self.flags & FLAG_FIN != 0
+    }
+
+    pub fn is_abort(&self) -> bool {
+        self.kind == Kind::Close && self.flags & FLAG_ABORT != 0
+    }
+
+    /// Decodes a CLOSE payload into `(code, reason)`; `None` for an empty payload.
+    pub fn close_parts(&self) -> Result<Option<(u16, String)>, WireError> {
+        if self.payload.is_empty() {
+            return Ok(None);
+        }
+        if self.payload.len() < 2 {
+            return Err(WireError::BadPayload("close frame shorter than its code"));
+        }
+        let code = u16::from_be_bytes([self.payload[0], self.payload[1]]);
+        let reason = String::from_utf8_lossy(&self.payload[2..]).into_owned();
+        Ok(Some((code, reason)))
+    }
+
+    /// Decodes a WINDOW payload.
+    pub fn window_credit(&self) -> Result<u32, WireError> {
+        let bytes: [u8; 4] = self
+            .payload
+            .as_ref()
+            .try_into()
+            .map_err(|_| WireError::BadPayload("window frame payload is not 4 bytes"))?;
+        Ok(u32::from_be_bytes(bytes))
+    }
+
+    /// Bytes this frame takes on the wire.
+    pub fn encoded_len(&self) -> usize {
+        FRAME_HEADER_LEN + self.payload.len()
+    }
+
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.reserve(self.encoded_len());
+        out.put_u8(self.kind as u8);
+        out.put_u8(self.flags);
+        out.put_u32(self.session);
+        out.put_u32(self.payload.len() as u32);
+        out.put_slice(&self.payload);
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The fields that open every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    /// Every frame of the other direction below this sequence number has been received.
+    pub ack: u64,
+    /// Sequence number of the batch's first frame (the next one to be sent if it has none).
+    pub first_seq: u64,
+}
+
+impl BatchHeader {
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.reserve(BATCH_HEADER_LEN);
+        out.put_u8(VERSION);
+        out.put_u64(self.ack);
+        out.put_u64(self.first_seq);
+    }
+}
+
+/// Why bytes from the peer were refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("batch has protocol version {0}, this build speaks version {VERSION}; upgrade the older of agent and relay")]
+    Version(u8),
+    #[error("unknown frame kind {0}; the peer speaks a newer protocol or the stream is corrupt")]
+    UnknownKind(u8),
+    #[error("frame payload of {0} bytes exceeds the limit of {MAX_FRAME_PAYLOAD} bytes")]
+    TooLarge(u32),
+    #[error("batch ended in the middle of a frame or header ({0} stray bytes)")]
+    Truncated(usize),
+    #[error("malformed frame payload: {0}")]
+    BadPayload(&'static str),
+}
+
+/// Incremental batch decoder: feed it body chunks as they arrive, take frames as soon as they are
+/// whole. Holds at most one partial frame, so its memory is bounded by [`MAX_FRAME_PAYLOAD`] plus
+/// the size of the chunks fed to it.
+#[derive(Debug, Default)]
+pub struct BatchReader {
+    buf: BytesMut,
+    header: Option<BatchHeader>,
+    frames: u64,
+}
+
+impl BatchReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The batch header, once its bytes have arrived.
+    pub fn header(&mut self) -> Result<Option<BatchHeader>, WireError> {
+        if self.header.is_none() {
+            if self.buf.len() < BATCH_HEADER_LEN {
+                return Ok(None);
+            }
+            let version = self.buf[0];
+            if version != VERSION {
+                return Err(WireError::Version(version));
+            }
+            self.buf.advance(1);
+            let ack = self.buf.get_u64();
+            let first_seq = self.buf.get_u64();
+            self.header = Some(BatchHeader { ack, first_seq });
+        }
+        Ok(self.header)
+    }
+
+    /// The next whole frame with its sequence number, or `None` until more bytes arrive.
+    pub fn next_frame(&mut self) -> Result<Option<(u64, Frame)>, WireError> {
+        let Some(header) = self.header()? else {
+            return Ok(None);
+        };
+        if self.buf.len() < FRAME_HEADER_LEN {
+            return Ok(None);
+        }
+        let kind_byte = self.buf[0];
+        let kind = Kind::from_u8(kind_byte).ok_or(WireError::UnknownKind(kind_byte))?;
+        let len = u32::from_be_bytes([self.buf[6], self.buf[7], self.buf[8], self.buf[9]]);
+        if len as usize > MAX_FRAME_PAYLOAD {
+            return Err(WireError::TooLarge(len));
+        }
+        if self.buf.len() < FRAME_HEADER_LEN + len as usize {
+            return Ok(None);
+        }
+        let flags = self.buf[1];
+        let session = u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]);
+        self.buf.advance(FRAME_HEADER_LEN);
+        let payload = self.buf.split_to(len as usize).freeze();
+        let seq = header.first_seq + self.frames;
+        self.frames += 1;
+        Ok(Some((seq, Frame::new(kind, flags, session, payload))))
+    }
+
+    /// Call at the end of the body: an error if it stopped inside the header or a frame.
+    pub fn finish(&mut self) -> Result<BatchHeader, WireError> {
+        match self.header()? {
+            Some(h) if self.buf.is_empty() => Ok(h),
+            Some(_) => Err(WireError::Truncated(self.buf.len())),
+            None => Err(WireError::Truncated(self.buf.len())),
+        }
+    }
+}
+
+/// Decodes a whole batch held in memory.
+pub fn decode_batch(body: &[u8]) -> Result<(BatchHeader, Vec<(u64, Frame)>), WireError> {
+    let mut r = BatchReader::new();
+    r.push(body);
+    let mut frames = Vec::new();
+    while let Some(f) = r.next_frame()? {
+        frames.push(f);
+    }
+    let header = r.finish()?;
+    Ok((header, frames))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Frame> {
+        vec![
+            Frame::new(Kind::Open, 0, 7, Bytes::from_static(b"{\"path\":\"/\"}")),
+            Frame::data(7, false, true, Bytes::from_static(b"hello")),
+            Frame::data(7, true, false, Bytes::from_static("h\u{e9}".as_bytes())),
+            Frame::new(Kind::Ping, 0, 7, Bytes::from_static(b"p")),
+            Frame::window(7, 65536),
+            Frame::close(7, 1000, "bye"),
+            Frame::data(9, false, true, Bytes::new()),
+        ]
+    }
+
+    fn encode(header: BatchHeader, frames: &[Frame]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        header.encode(&mut buf);
+        for f in frames {
+            f.encode(&mut buf);
+        }
+        buf
+    }
+
+    #[test]
+    fn exact_bytes_of_a_small_batch() {
+        let buf = encode(
+            BatchHeader {
+                ack: 2,
+                first_seq: 5,
+            },
+            &[Frame::data(1, false, true, Bytes::from_static(b"hi"))],
+        );
+        assert_eq!(
+            &buf[..],
+            &[
+                1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 5, // header
+                3, FLAG_FIN, 0, 0, 0, 1, 0, 0, 0, 2, b'h', b'i'
+            ][..]
+        );
+    }
+
+    #[test]
+    fn round_trip_whole_and_split_at_every_byte() {
+        let header = BatchHeader {
+            ack: 42,
+            first_seq: 1000,
+        };
+        let frames = sample();
+        let buf = encode(header, &frames);
+        let (h, got) = decode_batch(&buf).unwrap();
+        assert_eq!(h, header);
+        let want: Vec<(u64, Frame)> = frames
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, f)| (1000 + i as u64, f))
+            .collect();
+        assert_eq!(got, want);
+
+        for split in 0..buf.len() {
+            let mut r = BatchReader::new();
+            let mut got = Vec::new();
+            r.push(&buf[..split]);
+            while let Some(f) = r.next_frame().unwrap() {
+                got.push(f);
+            }
+            r.push(&buf[split..]);
+            while let Some(f) = r.next_frame().unwrap() {
+                got.push(f);
+            }
+            assert_eq!(r.finish().unwrap(), header);
+            assert_eq!(got, want, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_input_without_panicking() {
+        assert_eq!(decode_batch(&[2; 17]).unwrap_err(), WireError::Version(2));
+        let mut buf = encode(BatchHeader { ack: 0, first_seq: 0 }, &[]);
+        buf.extend_from_slice(&[99, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+        assert_eq!(decode_batch(&buf).unwrap_err(), WireError::UnknownKind(99));
+        let mut buf = encode(BatchHeader { ack: 0, first_seq: 0 }, &[]);
+        buf.extend_from_slice(&[3, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            decode_batch(&buf).unwrap_err(),
+            WireError::TooLarge(u32::MAX)
+        );
+        let buf = encode(
+            BatchHeader { ack: 0, first_seq: 0 },
+            &[Frame::data(1, false, true, Bytes::from_static(b"abc"))],
+        );
+        assert_eq!(
+            decode_batch(&buf[..buf.len() - 1]).unwrap_err(),
+            WireError::Truncated(FRAME_HEADER_LEN + 2)
+        );
+        assert!(decode_batch(&[1, 0, 0]).is_err());
+        assert!(Frame::new(Kind::Window, 0, 1, Bytes::from_static(b"abc"))
+            .window_credit()
+            .is_err());
+        assert!(Frame::new(Kind::Close, 0, 1, Bytes::from_static(b"a"))
+            .close_parts()
+            .is_err());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap deterministic fuzz: every prefix of mutated valid batches.
+        let base = encode(BatchHeader { ack: 1, first_seq: 1 }, &sample());
+        let mut state = 0x2545F4914F6CDD1Du64;
+        for _ in 0..2000 {
+            let mut buf = base.clone();
+            for _ in 0..4 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let i = (state as usize) % buf.len();
+                buf[i] = (state >> 32) as u8;
+            }
+            let _ = decode_batch(&buf);
+        }
+    }
+
+    #[test]
+    fn close_reason_is_cut_on_a_char_boundary() {
+        let long = "\u{e9}".repeat(100); // 200 bytes
+        let f = Frame::close(1, 1011, &long);
+        let (code, reason) = f.close_parts().unwrap().unwrap();
+        assert_eq!(code, 1011);
+        assert_eq!(reason.len(), 122);
+        assert!(Frame::abort(1, "x").is_abort());
+    }
+}

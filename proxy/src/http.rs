@@ -1,0 +1,374 @@
+//! The relay's HTTP surface: frontends' WebSocket upgrades under `/b/<id>`, the agent API under
+//! `/agent/v1/links`, and `/healthz`. Handlers translate between HTTP and the [`Hub`].
+
+use crate::hub::{Hub, HubError};
+use backhaul_common::api::{self, Hello, OpenRequest, LINKS_PATH, PROTOCOL_VERSION};
+use backhaul_common::session::pump;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+/// Largest registration body accepted.
+const MAX_HELLO_BYTES: usize = 16 * 1024;
+
+pub type Body = Full<Bytes>;
+
+/// What every request handler can reach.
+pub struct Ctx {
+    pub hub: Arc<Hub>,
+    pub agent_token: Option<String>,
+    pub sessions: TaskTracker,
+}
+
+fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    let mut body = msg.into();
+    body.push('\n');
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn batch(body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(api::BATCH_CONTENT_TYPE),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn hub_error(e: HubError) -> Response<Body> {
+    let status = match &e {
+        HubError::NoAgent(_) | HubError::PendingFull(..) | HubError::TooManySessions(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        HubError::UnknownLink(_) => StatusCode::NOT_FOUND,
+        HubError::Protocol { .. } => StatusCode::BAD_REQUEST,
+    };
+    text(status, e.to_string())
+}
+
+/// Routes one request.
+pub async fn handle(
+    ctx: Arc<Ctx>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let path = req.uri().path().to_string();
+    let resp = if path == "/healthz" {
+        text(
+            StatusCode::OK,
+            format!("ok ({} agent links)", ctx.hub.link_count()),
+        )
+    } else if let Some((backend, rest)) = api::split_session_path(&path) {
+        let backend = backend.to_string();
+        let rest = rest.to_string();
+        frontend_session(ctx, peer, req, backend, rest)
+    } else if path == LINKS_PATH || path.starts_with(&format!("{LINKS_PATH}/")) {
+        match authorize(&ctx, &req) {
+            Ok(()) => agent_api(ctx, req, &path).await,
+            Err(resp) => resp,
+        }
+    } else {
+        text(
+            StatusCode::NOT_FOUND,
+            format!("nothing at {path}; frontends connect to /b/<backend-id>, agents to {LINKS_PATH}"),
+        )
+    };
+    Ok(resp)
+}
+
+fn authorize(ctx: &Ctx, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    let Some(want) = &ctx.agent_token else {
+        return Ok(());
+    };
+    let got = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(got.as_bytes(), want.as_bytes()) {
+        Ok(())
+    } else {
+        Err(text(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong agent token; give the agent the relay's --agent-token",
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Response<Body> {
+    let hub = &ctx.hub;
+    let tail = path[LINKS_PATH.len()..].trim_start_matches('/');
+    let mut parts = tail.splitn(2, '/');
+    let link_id = parts.next().unwrap_or("");
+    let action = parts.next().unwrap_or("");
+    match (req.method().clone(), link_id, action) {
+        (Method::POST, "", "") => {
+            let body = match read_body(req, MAX_HELLO_BYTES).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let hello: Hello = match serde_json::from_slice(&body) {
+                Ok(h) => h,
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("registration body is not a valid hello: {e}"),
+                    )
+                }
+            };
+            if hello.protocol != PROTOCOL_VERSION {
+                return text(
+                    StatusCode::from_u16(426).unwrap_or(StatusCode::BAD_REQUEST),
+                    format!(
+                        "agent speaks protocol {}, this relay speaks {PROTOCOL_VERSION}; run matching versions of agent and relay",
+                        hello.protocol
+                    ),
+                );
+            }
+            if let Err(e) = api::validate_backend_id(&hello.backend_id) {
+                return text(StatusCode::BAD_REQUEST, e.to_string());
+            }
+            let link = hub.register(&hello.backend_id, &hello.agent);
+            let info = hub.link_info(&link.id);
+            let mut resp = Response::new(Full::new(Bytes::from(
+                serde_json::to_vec(&info).unwrap_or_default(),
+            )));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        (Method::GET, id, "poll") if !id.is_empty() => {
+            let ack = match query_u64(req.uri().query(), "ack") {
+                Some(a) => a,
+                None => return text(StatusCode::BAD_REQUEST, "poll needs ?ack=<number>"),
+            };
+            let (link, _guard) = match hub.enter(id) {
+                Ok(l) => l,
+                Err(e) => return hub_error(e),
+            };
+            match hub.poll(&link, ack).await {
+                Ok(body) => batch(body),
+                Err(e) => {
+                    if matches!(e, HubError::Protocol { .. }) {
+                        warn!("{e}");
+                        hub.kill_link(&link, 1011, "the agent broke the protocol");
+                    }
+                    hub_error(e)
+                }
+            }
+        }
+        (Method::POST, id, "push") if !id.is_empty() => {
+            let (link, _guard) = match hub.enter(id) {
+                Ok(l) => l,
+                Err(e) => return hub_error(e),
+            };
+            let limit = hub.cfg.max_batch_bytes * 2 + 64 * 1024;
+            let body = match read_body(req, limit).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            match hub.push(&link, &body) {
+                Ok(body) => batch(body),
+                Err(e) => {
+                    if matches!(e, HubError::Protocol { .. }) {
+                        warn!("{e}");
+                        hub.kill_link(&link, 1011, "the agent broke the protocol");
+                    }
+                    hub_error(e)
+                }
+            }
+        }
+        (Method::DELETE, id, "") if !id.is_empty() => match hub.enter(id) {
+            Ok((link, _guard)) => {
+                hub.kill_link(&link, 1001, "the agent shut down");
+                let mut resp = Response::new(Full::new(Bytes::new()));
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+                resp
+            }
+            Err(e) => hub_error(e),
+        },
+        (m, _, _) => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{m} {path} is not part of the agent API"),
+        ),
+    }
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Err(text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body over the limit of {limit} bytes"),
+                ))
+            } else {
+                // The connection broke mid-body; the agent will retry.
+                Err(text(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body could not be read: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+fn query_u64(query: Option<&str>, key: &str) -> Option<u64> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+/// Accepts a frontend's WebSocket for `backend` and runs its session.
+fn frontend_session(
+    ctx: Arc<Ctx>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    backend: String,
+    rest: String,
+) -> Response<Body> {
+    if let Err(e) = api::validate_backend_id(&backend) {
+        return text(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    let headers = req.headers();
+    let is_upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let (true, Some(key)) = (is_upgrade, key) else {
+        return text(
+            StatusCode::UPGRADE_REQUIRED,
+            format!("/b/{backend} carries WebSocket sessions; connect with a WebSocket client such as backhaul-frontend"),
+        );
+    };
+    let protocols: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let path = match req.uri().query() {
+        Some(q) => format!("{}?{q}", if rest.is_empty() { "/" } else { &rest }),
+        None if rest.is_empty() => "/".to_string(),
+        None => rest,
+    };
+    let open = OpenRequest {
+        path,
+        protocols,
+        client_addr: Some(peer.to_string()),
+    };
+    let (session, session_peer) = match ctx.hub.open_session(&backend, &open) {
+        Ok(s) => s,
+        Err(e) => {
+            info!(backend.id = %backend, client.addr = %peer, "refused session: {e}");
+            return hub_error(e);
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let span = tracing::info_span!("session", session.id = session.id, backend.id = %backend, client.addr = %peer);
+    let hub = ctx.hub.clone();
+    ctx.sessions.spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    debug!("client went away during the upgrade: {e}");
+                    hub.close_session(&session);
+                    return;
+                }
+            };
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(backhaul_common::ws_config()),
+            )
+            .await;
+            let expiry = {
+                let session = session.clone();
+                let timeout = hub.cfg.open_timeout;
+                async move {
+                    tokio::time::sleep(timeout).await;
+                    let reason = format!(
+                        "no agent for backend '{}' took the session within {timeout:?}",
+                        session.backend
+                    );
+                    if session.expire(&reason) {
+                        warn!("{reason}");
+                    }
+                    std::future::pending::<()>().await
+                }
+            };
+            let summary = tokio::select! {
+                s = pump(ws, session_peer, session.clone()) => s,
+                _ = expiry => unreachable!("expiry never completes"),
+            };
+            hub.close_session(&session);
+            info!(
+                bytes.up = summary.sent,
+                bytes.down = summary.received,
+                "session ended: {:?}",
+                summary.ending
+            );
+        }
+        .instrument(span),
+    );
+
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing() {
+        assert_eq!(query_u64(Some("ack=5"), "ack"), Some(5));
+        assert_eq!(query_u64(Some("x=1&ack=18446744073709551615"), "ack"), Some(u64::MAX));
+        assert_eq!(query_u64(Some("ack=-1"), "ack"), None);
+        assert_eq!(query_u64(None, "ack"), None);
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

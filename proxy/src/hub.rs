@@ -1,0 +1,489 @@
+//! The relay's state: which agents (links) serve which backend, the sessions waiting for an agent,
+//! and each link's reliable frame streams. HTTP handlers call into this; it does no IO itself
+//! apart from waking waiting polls.
+//!
+//! Lock order: a session's state lock may be held while taking a link's lock, never the reverse;
+//! the hub's lock is never held while taking either.
+
+use backhaul_common::api::{LinkInfo, OpenRequest};
+use backhaul_common::reliable::{Arrival, RecvState, SendBuffer};
+use backhaul_common::session::{new_session, FrameSink, SessionHandle, SessionPeer};
+use backhaul_common::wire::{decode_batch, BatchHeader, Frame, Kind, WireError};
+use bytes::{Bytes, BytesMut};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+/// Sessions handed to one poll at most; the rest go to the next poll or another agent.
+const MAX_CLAIM_PER_POLL: usize = 64;
+
+/// Tunables of the hub, from the relay's configuration.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub poll_hold: Duration,
+    pub agent_timeout: Duration,
+    pub open_timeout: Duration,
+    pub window: u32,
+    pub max_batch_bytes: usize,
+    pub max_sessions: usize,
+    pub max_pending_per_backend: usize,
+}
+
+/// Why the hub refused something; the HTTP layer turns these into statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("no agent is connected for backend '{0}'; start backhaul-agent with --backend-id {0} (or check that it can reach this relay)")]
+    NoAgent(String),
+    #[error("backend '{0}' already has {1} sessions waiting for an agent; the agents are not keeping up or are stuck")]
+    PendingFull(String, usize),
+    #[error("the relay is at its limit of {0} sessions; raise --max-sessions or add relays")]
+    TooManySessions(usize),
+    #[error("unknown or expired link '{0}'; the agent must register again")]
+    UnknownLink(String),
+    #[error("protocol error from agent on link '{link}': {what}")]
+    Protocol { link: String, what: String },
+}
+
+/// Everything the relay knows.
+pub struct Hub {
+    pub cfg: HubConfig,
+    inner: Mutex<HubInner>,
+    next_session: AtomicU32,
+}
+
+#[derive(Default)]
+struct HubInner {
+    backends: HashMap<String, Backend>,
+    links: HashMap<String, Arc<Link>>,
+    sessions: usize,
+}
+
+#[derive(Default)]
+struct Backend {
+    links: Vec<Arc<Link>>,
+    pending: VecDeque<Arc<RelaySession>>,
+}
+
+/// One registered agent: its two reliable frame streams and the sessions bound to it.
+pub struct Link {
+    pub id: String,
+    pub backend: String,
+    pub agent: String,
+    state: Mutex<LinkState>,
+    /// Wakes the link's poll: frames to send, or sessions pending for its backend.
+    notify: Notify,
+}
+
+struct LinkState {
+    /// relay -> agent frames not yet acknowledged.
+    send: SendBuffer,
+    /// agent -> relay sequence tracking.
+    recv: RecvState,
+    sessions: HashMap<u32, Arc<SessionHandle>>,
+    dead: bool,
+    last_seen: Instant,
+    in_flight: usize,
+    poll_generation: u64,
+}
+
+/// A frontend's session as the relay holds it.
+pub struct RelaySession {
+    pub id: u32,
+    pub backend: String,
+    open: Bytes,
+    handle: Arc<SessionHandle>,
+    state: Mutex<SessionState>,
+}
+
+enum SessionState {
+    /// Waiting for an agent; frames the client sends meanwhile wait here (bounded by the window).
+    Pending(Vec<Frame>),
+    Bound(Arc<Link>),
+    Finished,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks is a bug; keep serving rather than cascade.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FrameSink for RelaySession {
+    fn send(&self, frame: Frame) {
+        let mut st = lock(&self.state);
+        match &mut *st {
+            SessionState::Pending(buf) => buf.push(frame),
+            SessionState::Bound(link) => link.send(frame),
+            SessionState::Finished => {}
+        }
+    }
+}
+
+impl RelaySession {
+    /// The session's pump has ended: stop routing frames to it.
+    pub fn finish(&self) {
+        let mut st = lock(&self.state);
+        if let SessionState::Bound(link) = &*st {
+            lock(&link.state).sessions.remove(&self.id);
+        }
+        *st = SessionState::Finished;
+    }
+
+    pub fn is_pending(&self) -> bool {
+        matches!(*lock(&self.state), SessionState::Pending(_))
+    }
+
+    /// Ends a session that no agent took in time.
+    pub fn expire(&self, reason: &str) -> bool {
+        let mut st = lock(&self.state);
+        if !matches!(*st, SessionState::Pending(_)) {
+            return false;
+        }
+        *st = SessionState::Finished;
+        self.handle.terminate(Frame::close(self.id, 1013, reason));
+        true
+    }
+
+    /// Binds a pending session to `link`: its OPEN and the frames it buffered go out in order.
+    /// False if the session is no longer pending or the link died meanwhile.
+    fn bind(self: &Arc<Self>, link: &Arc<Link>) -> bool {
+        let mut st = lock(&self.state);
+        let SessionState::Pending(buffered) = &mut *st else {
+            return false;
+        };
+        {
+            let mut ls = lock(&link.state);
+            if ls.dead {
+                return false;
+            }
+            ls.send
+                .push(Frame::new(Kind::Open, 0, self.id, self.open.clone()));
+            for f in buffered.drain(..) {
+                ls.send.push(f);
+            }
+            ls.sessions.insert(self.id, self.handle.clone());
+        }
+        *st = SessionState::Bound(link.clone());
+        true
+    }
+}
+
+impl Link {
+    /// Queues a frame for the agent and wakes its poll.
+    pub fn send(&self, frame: Frame) {
+        {
+            let mut st = lock(&self.state);
+            if st.dead {
+                return;
+            }
+            st.send.push(frame);
+        }
+        self.notify.notify_one();
+    }
+
+    fn touch(&self, delta: isize) {
+        let mut st = lock(&self.state);
+        st.last_seen = Instant::now();
+        st.in_flight = st.in_flight.saturating_add_signed(delta);
+    }
+}
+
+/// Keeps a link marked busy while an agent request is being served.
+pub struct InFlight(Arc<Link>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch(-1);
+    }
+}
+
+impl Hub {
+    pub fn new(cfg: HubConfig) -> Self {
+        Self {
+            cfg,
+            inner: Mutex::new(HubInner::default()),
+            next_session: AtomicU32::new(1),
+        }
+    }
+
+    pub fn link_info(&self, link: &str) -> LinkInfo {
+        LinkInfo {
+            link: link.to_string(),
+            poll_hold_ms: self.cfg.poll_hold.as_millis() as u64,
+            window: self.cfg.window,
+            max_batch_bytes: self.cfg.max_batch_bytes as u32,
+        }
+    }
+
+    /// Registers a new agent link for `backend`.
+    pub fn register(&self, backend: &str, agent: &str) -> Arc<Link> {
+        let link = Arc::new(Link {
+            id: uuid::Uuid::new_v4().to_string(),
+            backend: backend.to_string(),
+            agent: agent.to_string(),
+            state: Mutex::new(LinkState {
+                send: SendBuffer::new(),
+                recv: RecvState::new(),
+                sessions: HashMap::new(),
+                dead: false,
+                last_seen: Instant::now(),
+                in_flight: 0,
+                poll_generation: 0,
+            }),
+            notify: Notify::new(),
+        });
+        let mut inner = lock(&self.inner);
+        inner.links.insert(link.id.clone(), link.clone());
+        let b = inner.backends.entry(backend.to_string()).or_default();
+        b.links.push(link.clone());
+        info!(link.id = %link.id, backend.id = backend, agent = agent, agents = b.links.len(), "agent registered");
+        link
+    }
+
+    /// Looks up a live link and marks a request in flight on it.
+    pub fn enter(&self, link_id: &str) -> Result<(Arc<Link>, InFlight), HubError> {
+        let link = lock(&self.inner)
+            .links
+            .get(link_id)
+            .cloned()
+            .ok_or_else(|| HubError::UnknownLink(link_id.to_string()))?;
+        link.touch(1);
+        let guard = InFlight(link.clone());
+        Ok((link, guard))
+    }
+
+    /// Opens a session for a frontend. Fails at once when no agent serves the backend.
+    pub fn open_session(
+        &self,
+        backend: &str,
+        open: &OpenRequest,
+    ) -> Result<(Arc<RelaySession>, SessionPeer), HubError> {
+        let payload = Bytes::from(serde_json::to_vec(open).unwrap_or_default());
+        let mut inner = lock(&self.inner);
+        if inner.sessions >= self.cfg.max_sessions {
+            return Err(HubError::TooManySessions(self.cfg.max_sessions));
+        }
+        let b = match inner.backends.get_mut(backend) {
+            Some(b) if !b.links.is_empty() => b,
+            _ => return Err(HubError::NoAgent(backend.to_string())),
+        };
+        b.pending.retain(|s| s.is_pending());
+        if b.pending.len() >= self.cfg.max_pending_per_backend {
+            return Err(HubError::PendingFull(backend.to_string(), b.pending.len()));
+        }
+        let mut id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        if id == 0 {
+            id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        }
+        let (handle, peer) = new_session(id, self.cfg.window);
+        let session = Arc::new(RelaySession {
+            id,
+            backend: backend.to_string(),
+            open: payload,
+            handle: Arc::new(handle),
+            state: Mutex::new(SessionState::Pending(Vec::new())),
+        });
+        b.pending.push_back(session.clone());
+        for link in &b.links {
+            link.notify.notify_one();
+        }
+        inner.sessions += 1;
+        Ok((session, peer))
+    }
+
+    /// Call when a session's pump has ended.
+    pub fn close_session(&self, session: &RelaySession) {
+        session.finish();
+        let mut inner = lock(&self.inner);
+        inner.sessions = inner.sessions.saturating_sub(1);
+    }
+
+    /// Moves sessions waiting for this link's backend onto the link.
+    fn claim_pending(&self, link: &Arc<Link>) {
+        let claimed: Vec<Arc<RelaySession>> = {
+            let mut inner = lock(&self.inner);
+            let Some(b) = inner.backends.get_mut(&link.backend) else {
+                return;
+            };
+            let n = b.pending.len().min(MAX_CLAIM_PER_POLL);
+            b.pending.drain(..n).collect()
+        };
+        let mut unbound = Vec::new();
+        for s in claimed {
+            if s.bind(link) {
+                debug!(session.id = s.id, link.id = %link.id, "session handed to agent");
+            } else if s.is_pending() {
+                unbound.push(s);
+            }
+        }
+        if !unbound.is_empty() {
+            let mut inner = lock(&self.inner);
+            if let Some(b) = inner.backends.get_mut(&link.backend) {
+                for s in unbound.into_iter().rev() {
+                    b.pending.push_front(s);
+                }
+            }
+        }
+    }
+
+    /// Serves one long-poll: applies the agent's ack, then answers as soon as there are frames
+    /// for it, or with an empty batch when the hold time runs out.
+    pub async fn poll(&self, link: &Arc<Link>, ack: u64) -> Result<Bytes, HubError> {
+        let generation = {
+            let mut st = lock(&link.state);
+            st.send.ack(ack).map_err(|e| HubError::Protocol {
+                link: link.id.clone(),
+                what: e.to_string(),
+            })?;
+            st.poll_generation += 1;
+            st.poll_generation
+        };
+        let deadline = tokio::time::Instant::now() + self.cfg.poll_hold;
+        loop {
+            let notified = link.notify.notified();
+            self.claim_pending(link);
+            {
+                let st = lock(&link.state);
+                if st.dead {
+                    return Err(HubError::UnknownLink(link.id.clone()));
+                }
+                // A newer poll from the same agent supersedes this one (the agent gave up on it).
+                if st.poll_generation != generation || st.send.has_from(ack) {
+                    return Ok(self.encode(&st, ack));
+                }
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    let st = lock(&link.state);
+                    return Ok(self.encode(&st, ack));
+                }
+            }
+        }
+    }
+
+    fn encode(&self, st: &LinkState, from: u64) -> Bytes {
+        let mut out = BytesMut::new();
+        st.send
+            .encode_batch(from, st.recv.ack(), self.cfg.max_batch_bytes, &mut out);
+        out.freeze()
+    }
+
+    /// Takes one push batch from the agent, delivers its new frames, and returns the ack.
+    pub fn push(&self, link: &Arc<Link>, body: &[u8]) -> Result<Bytes, HubError> {
+        let protocol = |what: String| HubError::Protocol {
+            link: link.id.clone(),
+            what,
+        };
+        let (header, frames) = decode_batch(body).map_err(|e: WireError| protocol(e.to_string()))?;
+        let mut st = lock(&link.state);
+        if st.dead {
+            return Err(HubError::UnknownLink(link.id.clone()));
+        }
+        st.send
+            .ack(header.ack)
+            .map_err(|e| protocol(e.to_string()))?;
+        for (seq, frame) in frames {
+            match st.recv.arrive(seq).map_err(|e| protocol(e.to_string()))? {
+                Arrival::Duplicate => continue,
+                Arrival::Deliver => {}
+            }
+            let id = frame.session;
+            match frame.kind {
+                Kind::Open => {
+                    return Err(protocol("agent sent an OPEN frame".into()));
+                }
+                Kind::Opened => {
+                    debug!(session.id = id, link.id = %link.id, "backend accepted the session");
+                    continue;
+                }
+                _ => {}
+            }
+            let Some(handle) = st.sessions.get(&id).cloned() else {
+                continue; // the session ended here first; late frames are dropped
+            };
+            let ends = frame.kind == Kind::Close;
+            if let Err(v) = handle.deliver(frame) {
+                warn!(session.id = id, link.id = %link.id, "dropping session: {v}");
+                handle.terminate(Frame::close(id, 1011, "agent broke flow control"));
+                st.send.push(Frame::abort(id, "flow control violated"));
+                st.sessions.remove(&id);
+            } else if ends {
+                st.sessions.remove(&id);
+            }
+        }
+        let mut out = BytesMut::new();
+        BatchHeader {
+            ack: st.recv.ack(),
+            first_seq: st.send.next_seq(),
+        }
+        .encode(&mut out);
+        drop(st);
+        link.notify.notify_one();
+        Ok(out.freeze())
+    }
+
+    /// Declares a link dead: its sessions are closed with `reason` and it is forgotten.
+    pub fn kill_link(&self, link: &Arc<Link>, code: u16, reason: &str) {
+        let sessions = {
+            let mut st = lock(&link.state);
+            if st.dead {
+                return;
+            }
+            st.dead = true;
+            std::mem::take(&mut st.sessions)
+        };
+        for (id, handle) in &sessions {
+            handle.terminate(Frame::close(*id, code, reason));
+        }
+        link.notify.notify_one();
+        let mut inner = lock(&self.inner);
+        inner.links.remove(&link.id);
+        if let Some(b) = inner.backends.get_mut(&link.backend) {
+            b.links.retain(|l| !Arc::ptr_eq(l, link));
+            let left = b.links.len();
+            if left == 0 {
+                // Nobody can take the waiting sessions any more: new agents get them if they come
+                // in time, else they expire.
+                if b.pending.is_empty() {
+                    inner.backends.remove(&link.backend);
+                }
+            }
+            info!(link.id = %link.id, backend.id = %link.backend, sessions = sessions.len(), agents_left = left, "agent link closed: {reason}");
+        }
+    }
+
+    /// Closes links whose agent has gone quiet. Run periodically.
+    pub fn reap(&self) {
+        let links: Vec<Arc<Link>> = lock(&self.inner).links.values().cloned().collect();
+        for link in links {
+            let quiet = {
+                let st = lock(&link.state);
+                st.in_flight == 0 && st.last_seen.elapsed() > self.cfg.agent_timeout
+            };
+            if quiet {
+                warn!(link.id = %link.id, backend.id = %link.backend, "agent stopped polling for {:?}; closing its link", self.cfg.agent_timeout);
+                let reason = format!(
+                    "the agent for backend '{}' stopped responding",
+                    link.backend
+                );
+                self.kill_link(&link, 1011, &reason);
+            }
+        }
+    }
+
+    /// Closes every link and session (relay shutdown).
+    pub fn shutdown(&self) {
+        let links: Vec<Arc<Link>> = lock(&self.inner).links.values().cloned().collect();
+        for link in links {
+            self.kill_link(&link, 1001, "relay is shutting down");
+        }
+    }
+
+    /// Number of live agent links (for health output).
+    pub fn link_count(&self) -> usize {
+        lock(&self.inner).links.len()
+    }
+}
