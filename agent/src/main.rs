@@ -1,1 +1,86 @@
-fn main() {}
+use backhaul_agent::Config;
+use backhaul_common::telemetry;
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// backhaul-agent: runs inside the private network and serves one backend. It reaches the relay
+/// with outbound HTTP/1.1 only (long-poll GET + POST), through HTTP_PROXY/HTTPS_PROXY if set, and
+/// dials the backend's WebSocket for each session.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The relay's URL, e.g. http://relay.example:8080 or https://relay.example.
+    #[arg(long, env = "BACKHAUL_RELAY")]
+    relay: String,
+    /// The backend ID this agent serves (frontends ask for it by name).
+    #[arg(long, env = "BACKHAUL_BACKEND_ID")]
+    backend_id: String,
+    /// The backend's WebSocket URL, e.g. ws://127.0.0.1:9000.
+    #[arg(long, env = "BACKHAUL_BACKEND")]
+    backend: String,
+    /// Token the relay requires from agents (its --agent-token).
+    #[arg(long, env = "BACKHAUL_AGENT_TOKEN", hide_env_values = true)]
+    agent_token: Option<String>,
+    /// Extra CA certificate (PEM) to trust for an https:// relay.
+    #[arg(long, env = "BACKHAUL_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Most sessions served at once.
+    #[arg(long, env = "BACKHAUL_MAX_SESSIONS", default_value_t = 20000)]
+    max_sessions: usize,
+    /// How long to wait for the backend to accept a session's WebSocket.
+    #[arg(long, env = "BACKHAUL_CONNECT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    connect_timeout_secs: u64,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("backhaul-agent: {msg}");
+    std::process::exit(backhaul_common::EXIT_CONFIG);
+}
+
+fn parse_url(what: &str, s: &str, schemes: &[&str]) -> url::Url {
+    let u = url::Url::parse(s).unwrap_or_else(|e| fail(format!("--{what} {s:?} is not a URL: {e}")));
+    if !schemes.contains(&u.scheme()) {
+        fail(format!(
+            "--{what} {s:?} must start with {}",
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ));
+    }
+    if u.host_str().is_none() {
+        fail(format!("--{what} {s:?} has no host"));
+    }
+    u
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    telemetry::init("info");
+    let relay = parse_url("relay", &args.relay, &["http", "https"]);
+    let backend = parse_url("backend", &args.backend, &["ws"]);
+    if let Err(e) = backhaul_common::api::validate_backend_id(&args.backend_id) {
+        fail(format!("--backend-id: {e}"));
+    }
+    let tls = args.ca_cert.as_deref().map(|ca| {
+        backhaul_common::tls::client_config(Some(ca))
+            .unwrap_or_else(|e| fail(format!("--ca-cert: {e:#}")))
+    });
+    let config = Config {
+        relay,
+        backend_id: args.backend_id,
+        backend,
+        agent_token: args.agent_token.filter(|t| !t.is_empty()),
+        tls,
+        max_sessions: args.max_sessions,
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+    };
+    let shutdown = telemetry::shutdown_on_signals();
+    if let Err(e) = backhaul_agent::run(config, shutdown).await {
+        eprintln!("backhaul-agent: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,196 @@
+//! backhaul-agent: runs inside the private network. It reaches the relay only with ordinary
+//! outbound HTTP/1.1 requests (a long-poll GET and a POST, no CONNECT, no Upgrade), so it passes
+//! strict forward proxies; for each session the relay hands it, it dials the backend's WebSocket.
+//!
+//! - [`link`]: one registration with the relay, its poll and push loops and its sessions;
+//! - [`backend`]: dialing the backend WebSocket of a session.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod link;
+
+use anyhow::Context;
+use backhaul_common::api::{Hello, LinkInfo, LINKS_PATH, PROTOCOL_VERSION};
+use backhaul_common::backoff::Backoff;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Longest a registration request may take.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
+/// TCP connect timeout towards the relay (or the proxy in front of it).
+const RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The agent's settings, already validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The relay's base URL (`http://` or `https://`), without a trailing slash.
+    pub relay: url::Url,
+    pub backend_id: String,
+    /// The backend's WebSocket URL; a session's path is appended to its path.
+    pub backend: url::Url,
+    pub agent_token: Option<String>,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub max_sessions: usize,
+    pub connect_timeout: Duration,
+}
+
+impl Config {
+    /// The relay URL as a string without a trailing slash.
+    pub fn relay_base(&self) -> String {
+        self.relay.as_str().trim_end_matches('/').to_string()
+    }
+
+    /// The backend URL for a session whose path (and query) is `path`.
+    pub fn backend_url(&self, path: &str) -> String {
+        let base = self.backend.as_str();
+        let (base, base_query) = match base.split_once('?') {
+            Some((b, q)) => (b, Some(q)),
+            None => (base, None),
+        };
+        let base = base.trim_end_matches('/');
+        let path = if path.is_empty() { "/" } else { path };
+        match base_query {
+            None => format!("{base}{path}"),
+            Some(q) if path.contains('?') => format!("{base}{path}&{q}"),
+            Some(q) => format!("{base}{path}?{q}"),
+        }
+    }
+}
+
+/// Builds the HTTP client used for the relay: HTTP/1.1, honouring HTTP(S)_PROXY and NO_PROXY.
+pub fn http_client(cfg: &Config) -> anyhow::Result<reqwest::Client> {
+    let mut tls = match &cfg.tls {
+        Some(t) => (**t).clone(),
+        None => backhaul_common::tls::client_config(None)
+            .context("could not set up TLS for the relay connection")?
+            .as_ref()
+            .clone(),
+    };
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .http1_only()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(RELAY_CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .user_agent(concat!("backhaul-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("could not build the HTTP client")
+}
+
+/// Registers with the relay and serves sessions until `shutdown`, re-registering whenever the
+/// link is lost.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cfg = Arc::new(config);
+    let client = http_client(&cfg)?;
+    let mut backoff = Backoff::default();
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        backend_id: cfg.backend_id.clone(),
+        agent: format!("backhaul-agent/{} {host}", env!("CARGO_PKG_VERSION"))
+            .trim()
+            .to_string(),
+    };
+    while !shutdown.is_cancelled() {
+        match register(&cfg, &client, &hello).await {
+            Ok(info) => {
+                backoff.reset();
+                backhaul_common::telemetry::announce(&format!(
+                    "backhaul-agent: connected to relay {} as link {} for backend {}",
+                    cfg.relay_base(),
+                    info.link,
+                    cfg.backend_id
+                ));
+                info!(link.id = %info.link, "registered with relay {}", cfg.relay_base());
+                let link = link::Link::new(cfg.clone(), client.clone(), info, &shutdown);
+                let why = link.clone().run().await;
+                if shutdown.is_cancelled() {
+                    link.deregister().await;
+                    break;
+                }
+                warn!("link to relay ended: {why}; registering again");
+            }
+            Err(e) => {
+                let d = backoff.next_delay();
+                warn!(
+                    "could not register with relay {}: {e:#}; retrying in {d:?}",
+                    cfg.relay_base()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    info!("agent stopped");
+    Ok(())
+}
+
+async fn register(
+    cfg: &Config,
+    client: &reqwest::Client,
+    hello: &Hello,
+) -> anyhow::Result<LinkInfo> {
+    let url = format!("{}{LINKS_PATH}", cfg.relay_base());
+    let mut req = client
+        .post(&url)
+        .timeout(REGISTER_TIMEOUT)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(hello)?);
+    if let Some(t) = &cfg.agent_token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", link::describe(&e)))?;
+    let status = resp.status();
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", link::describe(&e)))?;
+    if !status.is_success() {
+        anyhow::bail!(
+            "relay answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    let info: LinkInfo = serde_json::from_slice(&body).with_context(|| {
+        format!("relay's answer to registration is not what a backhaul relay sends (is {url} really a backhaul relay?)")
+    })?;
+    if info.window < 1024 || info.max_batch_bytes < 1024 || info.poll_hold_ms == 0 {
+        anyhow::bail!("relay sent unusable link parameters: {info:?}");
+    }
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(backend: &str) -> Config {
+        Config {
+            relay: url::Url::parse("http://r:1/").unwrap(),
+            backend_id: "x".into(),
+            backend: url::Url::parse(backend).unwrap(),
+            agent_token: None,
+            tls: None,
+            max_sessions: 1,
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn backend_urls_join_paths_and_queries() {
+        assert_eq!(cfg("ws://b:9").backend_url(""), "ws://b:9/");
+        assert_eq!(cfg("ws://b:9/").backend_url("/x?y=1"), "ws://b:9/x?y=1");
+        assert_eq!(cfg("ws://b:9/base").backend_url("/x"), "ws://b:9/base/x");
+        assert_eq!(cfg("ws://b:9/base?k=v").backend_url("/x"), "ws://b:9/base/x?k=v");
+        assert_eq!(cfg("ws://b:9/?k=v").backend_url("/x?y=1"), "ws://b:9/x?y=1&k=v");
+        assert_eq!(cfg("http://r:1/").relay_base(), "http://r:1");
+    }
+}
