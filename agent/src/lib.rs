@@ -2,11 +2,10 @@
 //! outbound HTTP/1.1 requests (a long-poll GET and a POST, no CONNECT, no Upgrade), so it passes
 //! strict forward proxies; for each session the relay hands it, it dials the backend's WebSocket.
 //!
-//! - [`link`]: one registration with the relay, its poll and push loops and its sessions;
-//! - [`backend`]: dialing the backend WebSocket of a session.
+//! - [`link`]: one registration with the relay, its poll and push loops and its sessions
+//!   (each session dials the backend's WebSocket with `common::dial`).
 #![forbid(unsafe_code)]
 
-pub mod backend;
 pub mod link;
 
 use anyhow::Context;
@@ -31,6 +30,7 @@ pub struct Config {
     /// The backend's WebSocket URL; a session's path is appended to its path.
     pub backend: url::Url,
     pub agent_token: Option<String>,
+    /// TLS settings for an https:// relay and a wss:// backend.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub max_sessions: usize,
     pub connect_timeout: Duration,
@@ -189,8 +189,14 @@ mod tests {
         assert_eq!(cfg("ws://b:9").backend_url(""), "ws://b:9/");
         assert_eq!(cfg("ws://b:9/").backend_url("/x?y=1"), "ws://b:9/x?y=1");
         assert_eq!(cfg("ws://b:9/base").backend_url("/x"), "ws://b:9/base/x");
-        assert_eq!(cfg("ws://b:9/base?k=v").backend_url("/x"), "ws://b:9/base/x?k=v");
-        assert_eq!(cfg("ws://b:9/?k=v").backend_url("/x?y=1"), "ws://b:9/x?y=1&k=v");
+        assert_eq!(
+            cfg("ws://b:9/base?k=v").backend_url("/x"),
+            "ws://b:9/base/x?k=v"
+        );
+        assert_eq!(
+            cfg("ws://b:9/?k=v").backend_url("/x?y=1"),
+            "ws://b:9/x?y=1&k=v"
+        );
         assert_eq!(cfg("http://r:1/").relay_base(), "http://r:1");
     }
 }

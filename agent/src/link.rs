@@ -5,6 +5,7 @@
 use crate::Config;
 use backhaul_common::api::{LinkInfo, OpenRequest, Opened};
 use backhaul_common::backoff::Backoff;
+use backhaul_common::dial::{dial, DialOptions, Dialed};
 use backhaul_common::reliable::{Arrival, RecvState, SendBuffer};
 use backhaul_common::session::{new_session, pump, FrameSink, SessionHandle};
 use backhaul_common::wire::{decode_batch, BatchReader, Frame, Kind};
@@ -119,7 +120,11 @@ impl Link {
 
     /// Tells the relay this link is going away (best effort, on shutdown).
     pub async fn deregister(&self) {
-        let req = self.request(self.client.delete(&self.url).timeout(Duration::from_secs(2)));
+        let req = self.request(
+            self.client
+                .delete(&self.url)
+                .timeout(Duration::from_secs(2)),
+        );
         if let Err(e) = req.send().await {
             debug!("could not deregister from the relay: {e}");
         }
@@ -220,9 +225,7 @@ impl Link {
                         }
                     },
                     Ok(None) => break,
-                    Err(e) => {
-                        return PollOutcome::LinkGone(format!("relay sent a bad batch: {e}"))
-                    }
+                    Err(e) => return PollOutcome::LinkGone(format!("relay sent a bad batch: {e}")),
                 }
             }
         }
@@ -352,7 +355,11 @@ impl Link {
             Ok(o) => o,
             Err(e) => {
                 warn!(session.id = id, "relay sent an unreadable OPEN: {e}");
-                self.send(Frame::close(id, 1002, "agent could not read the session request"));
+                self.send(Frame::close(
+                    id,
+                    1002,
+                    "agent could not read the session request",
+                ));
                 return;
             }
         };
@@ -361,23 +368,44 @@ impl Link {
             let mut sessions = lock(&self.sessions);
             if sessions.len() >= self.cfg.max_sessions {
                 drop(sessions);
-                warn!(session.id = id, "refusing session: at the limit of {} (--max-sessions)", self.cfg.max_sessions);
+                warn!(
+                    session.id = id,
+                    "refusing session: at the limit of {} (--max-sessions)", self.cfg.max_sessions
+                );
                 self.send(Frame::close(id, 1013, "agent is at its session limit"));
                 return;
             }
             if sessions.contains_key(&id) {
-                warn!(session.id = id, "relay reused a live session id; ignoring the OPEN");
+                warn!(
+                    session.id = id,
+                    "relay reused a live session id; ignoring the OPEN"
+                );
                 return;
             }
             sessions.insert(id, Arc::new(handle));
         }
         let link = self.clone();
-        let span = tracing::info_span!("session", session.id = id, client.addr = open.client_addr.as_deref().unwrap_or("-"));
+        let span = tracing::info_span!(
+            "session",
+            session.id = id,
+            client.addr = open.client_addr.as_deref().unwrap_or("-")
+        );
         tracker.spawn(
             async move {
                 let url = link.cfg.backend_url(&open.path);
-                match crate::backend::dial(&url, &open.protocols, link.cfg.connect_timeout).await {
-                    Ok((ws, protocol)) => {
+                let dial_opts = DialOptions {
+                    timeout: link.cfg.connect_timeout,
+                    tls: link.cfg.tls.clone(),
+                    protocols: open.protocols.clone(),
+                    // HTTP(S)_PROXY is for reaching the relay; the backend is local.
+                    use_env_proxy: false,
+                };
+                let dialed = match url::Url::parse(&url) {
+                    Ok(u) => dial(&u, &dial_opts).await.map_err(anyhow::Error::from),
+                    Err(e) => Err(anyhow::anyhow!("bad backend URL {url}: {e}")),
+                };
+                match dialed {
+                    Ok(Dialed { ws, protocol }) => {
                         debug!("connected to backend {url}");
                         let opened = serde_json::to_vec(&Opened { protocol }).unwrap_or_default();
                         link.send(Frame::new(Kind::Opened, 0, id, Bytes::from(opened)));
@@ -409,8 +437,11 @@ enum PollOutcome {
 }
 
 fn link_gone(resp: &reqwest::Response) -> Option<PollOutcome> {
-    (resp.status() == reqwest::StatusCode::NOT_FOUND)
-        .then(|| PollOutcome::LinkGone("the relay no longer knows this link (it restarted, or gave up on this agent)".into()))
+    (resp.status() == reqwest::StatusCode::NOT_FOUND).then(|| {
+        PollOutcome::LinkGone(
+            "the relay no longer knows this link (it restarted, or gave up on this agent)".into(),
+        )
+    })
 }
 
 /// Error text with its causes, which reqwest otherwise hides.

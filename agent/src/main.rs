@@ -22,7 +22,7 @@ struct Args {
     /// Token the relay requires from agents (its --agent-token).
     #[arg(long, env = "BACKHAUL_AGENT_TOKEN", hide_env_values = true)]
     agent_token: Option<String>,
-    /// Extra CA certificate (PEM) to trust for an https:// relay.
+    /// Extra CA certificate (PEM) to trust for an https:// relay or a wss:// backend.
     #[arg(long, env = "BACKHAUL_CA_CERT")]
     ca_cert: Option<PathBuf>,
     /// Most sessions served at once.
@@ -39,7 +39,8 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 }
 
 fn parse_url(what: &str, s: &str, schemes: &[&str]) -> url::Url {
-    let u = url::Url::parse(s).unwrap_or_else(|e| fail(format!("--{what} {s:?} is not a URL: {e}")));
+    let u =
+        url::Url::parse(s).unwrap_or_else(|e| fail(format!("--{what} {s:?} is not a URL: {e}")));
     if !schemes.contains(&u.scheme()) {
         fail(format!(
             "--{what} {s:?} must start with {}",
@@ -61,7 +62,7 @@ async fn main() {
     let args = Args::parse();
     telemetry::init("info");
     let relay = parse_url("relay", &args.relay, &["http", "https"]);
-    let backend = parse_url("backend", &args.backend, &["ws"]);
+    let backend = parse_url("backend", &args.backend, &["ws", "wss"]);
     if let Err(e) = backhaul_common::api::validate_backend_id(&args.backend_id) {
         fail(format!("--backend-id: {e}"));
     }

@@ -1,1 +1,58 @@
-fn main() {}
+use backhaul_backend::Config;
+use backhaul_common::telemetry;
+use clap::Parser;
+use std::time::Duration;
+
+/// backhaul-backend: a WebSocket server that turns each WebSocket session into a TCP connection
+/// to the target service. The agent dials it; clients never see it.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on for WebSocket sessions.
+    #[arg(long, env = "BACKHAUL_LISTEN", default_value = "127.0.0.1:9000")]
+    listen: String,
+    /// The service to connect each session to, as HOST:PORT.
+    #[arg(long, env = "BACKHAUL_TARGET")]
+    target: String,
+    /// How long to wait for the target to accept a connection.
+    #[arg(long, env = "BACKHAUL_CONNECT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    connect_timeout_secs: u64,
+    /// Most sessions at once; further clients wait.
+    #[arg(long, env = "BACKHAUL_MAX_SESSIONS", default_value_t = 20000)]
+    max_sessions: usize,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("backhaul-backend: {msg}");
+    std::process::exit(backhaul_common::EXIT_CONFIG);
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    telemetry::init("info");
+    match args.target.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+        _ => fail(format!("--target {:?} must be HOST:PORT", args.target)),
+    }
+    if args.max_sessions == 0 {
+        fail("--max-sessions must be at least 1");
+    }
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .unwrap_or_else(|e| fail(format!("could not listen on {}: {e}", args.listen)));
+    match listener.local_addr() {
+        Ok(addr) => telemetry::announce_listening("backhaul-backend", addr),
+        Err(e) => fail(format!("listener has no address: {e}")),
+    }
+    let config = Config {
+        target: args.target,
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        max_sessions: args.max_sessions,
+    };
+    let shutdown = telemetry::shutdown_on_signals();
+    if let Err(e) = backhaul_backend::run(config, listener, shutdown).await {
+        eprintln!("backhaul-backend: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -434,11 +434,17 @@ mod tests {
         }
         drop(client);
         let summary = task.await.unwrap();
-        assert_eq!(summary.ending, Ending::RemoteClose(Some((4000, "done".into()))));
+        assert_eq!(
+            summary.ending,
+            Ending::RemoteClose(Some((4000, "done".into())))
+        );
 
         let frames = sink.0.lock().unwrap();
         let mut data = BytesMut::new();
-        for f in frames.iter().filter(|f| f.kind == Kind::Data && !f.is_text()) {
+        for f in frames
+            .iter()
+            .filter(|f| f.kind == Kind::Data && !f.is_text())
+        {
             assert!(f.payload.len() <= MAX_CHUNK);
             data.extend_from_slice(&f.payload);
         }
@@ -452,7 +458,12 @@ mod tests {
     async fn a_peer_overrunning_the_window_is_refused() {
         let (handle, _peer) = new_session(1, 10);
         handle
-            .deliver(Frame::data(1, false, true, Bytes::from_static(b"0123456789")))
+            .deliver(Frame::data(
+                1,
+                false,
+                true,
+                Bytes::from_static(b"0123456789"),
+            ))
             .unwrap();
         assert!(matches!(
             handle.deliver(Frame::data(1, false, true, Bytes::from_static(b"x"))),

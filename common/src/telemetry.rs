@@ -5,7 +5,7 @@
 //! - `<program>: listening on <addr>` once a listener is bound (`<addr>` parses as a socket address);
 //! - `<program>: connected to relay ...` each time the agent (re)registers with the relay.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +16,7 @@ pub fn init(default_level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

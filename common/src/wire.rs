@@ -387,17 +387,32 @@ mod tests {
     #[test]
     fn refuses_bad_input_without_panicking() {
         assert_eq!(decode_batch(&[2; 17]).unwrap_err(), WireError::Version(2));
-        let mut buf = encode(BatchHeader { ack: 0, first_seq: 0 }, &[]);
+        let mut buf = encode(
+            BatchHeader {
+                ack: 0,
+                first_seq: 0,
+            },
+            &[],
+        );
         buf.extend_from_slice(&[99, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
         assert_eq!(decode_batch(&buf).unwrap_err(), WireError::UnknownKind(99));
-        let mut buf = encode(BatchHeader { ack: 0, first_seq: 0 }, &[]);
+        let mut buf = encode(
+            BatchHeader {
+                ack: 0,
+                first_seq: 0,
+            },
+            &[],
+        );
         buf.extend_from_slice(&[3, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(
             decode_batch(&buf).unwrap_err(),
             WireError::TooLarge(u32::MAX)
         );
         let buf = encode(
-            BatchHeader { ack: 0, first_seq: 0 },
+            BatchHeader {
+                ack: 0,
+                first_seq: 0,
+            },
             &[Frame::data(1, false, true, Bytes::from_static(b"abc"))],
         );
         assert_eq!(
@@ -416,7 +431,13 @@ mod tests {
     #[test]
     fn arbitrary_bytes_never_panic() {
         // A cheap deterministic fuzz: every prefix of mutated valid batches.
-        let base = encode(BatchHeader { ack: 1, first_seq: 1 }, &sample());
+        let base = encode(
+            BatchHeader {
+                ack: 1,
+                first_seq: 1,
+            },
+            &sample(),
+        );
         let mut state = 0x2545F4914F6CDD1Du64;
         for _ in 0..2000 {
             let mut buf = base.clone();

@@ -1,1 +1,107 @@
-fn main() {}
+use backhaul_common::dial::DialOptions;
+use backhaul_common::telemetry;
+use backhaul_frontend::Config;
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// backhaul-frontend: accepts TCP connections (or uses stdin/stdout with --stdio) and carries each
+/// over a WebSocket to the relay, to the backend named by --backend-id.
+///
+/// With --stdio it works as an SSH ProxyCommand:
+///   ssh -o ProxyCommand='backhaul-frontend --stdio --relay https://relay --backend-id ssh' host
+#[derive(Debug, Parser)]
+#[command(version, about, verbatim_doc_comment)]
+struct Args {
+    /// Address to accept TCP connections on.
+    #[arg(
+        long,
+        env = "BACKHAUL_LISTEN",
+        required_unless_present = "stdio",
+        conflicts_with = "stdio"
+    )]
+    listen: Option<String>,
+    /// Carry stdin/stdout as one connection instead of listening.
+    #[arg(long, env = "BACKHAUL_STDIO")]
+    stdio: bool,
+    /// The relay's URL (ws://, wss://, http:// or https://).
+    #[arg(long, env = "BACKHAUL_RELAY")]
+    relay: String,
+    /// The backend to reach, as the agent names it with its --backend-id.
+    #[arg(long, env = "BACKHAUL_BACKEND_ID")]
+    backend_id: String,
+    /// Extra CA certificate (PEM) to trust for a wss:// relay.
+    #[arg(long, env = "BACKHAUL_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// How long to wait for the relay to accept a WebSocket.
+    #[arg(long, env = "BACKHAUL_CONNECT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    connect_timeout_secs: u64,
+    /// Most connections carried at once; further clients wait to be accepted.
+    #[arg(long, env = "BACKHAUL_MAX_CONNECTIONS", default_value_t = 20000)]
+    max_connections: usize,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("backhaul-frontend: {msg}");
+    std::process::exit(backhaul_common::EXIT_CONFIG);
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    telemetry::init(if args.stdio { "warn" } else { "info" });
+    if let Err(e) = backhaul_common::api::validate_backend_id(&args.backend_id) {
+        fail(format!("--backend-id: {e}"));
+    }
+    let url = backhaul_frontend::session_url(&args.relay, &args.backend_id)
+        .unwrap_or_else(|e| fail(format!("--relay: {e}")));
+    let tls = args.ca_cert.as_deref().map(|ca| {
+        backhaul_common::tls::client_config(Some(ca))
+            .unwrap_or_else(|e| fail(format!("--ca-cert: {e:#}")))
+    });
+    if args.max_connections == 0 {
+        fail("--max-connections must be at least 1");
+    }
+    let config = Config {
+        url,
+        dial: DialOptions {
+            timeout: Duration::from_secs(args.connect_timeout_secs),
+            tls,
+            ..DialOptions::default()
+        },
+        max_connections: args.max_connections,
+    };
+
+    if args.stdio {
+        match backhaul_frontend::carry(&config, tokio::io::stdin(), tokio::io::stdout()).await {
+            Ok(summary) => {
+                backhaul_frontend::log_summary(&summary);
+                if !matches!(summary.end, backhaul_common::bridge::BridgeEnd::Clean) {
+                    std::process::exit(1);
+                }
+            }
+            Err(e) => {
+                eprintln!(
+                    "backhaul-frontend: could not open a session to {}: {e:#}",
+                    config.url
+                );
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+
+    let listen = args.listen.unwrap_or_default();
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .unwrap_or_else(|e| fail(format!("could not listen on {listen}: {e}")));
+    match listener.local_addr() {
+        Ok(addr) => telemetry::announce_listening("backhaul-frontend", addr),
+        Err(e) => fail(format!("listener has no address: {e}")),
+    }
+    let shutdown = telemetry::shutdown_on_signals();
+    if let Err(e) = backhaul_frontend::run(config, listener, shutdown).await {
+        eprintln!("backhaul-frontend: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -87,7 +87,9 @@ pub async fn handle(
     } else {
         text(
             StatusCode::NOT_FOUND,
-            format!("nothing at {path}; frontends connect to /b/<backend-id>, agents to {LINKS_PATH}"),
+            format!(
+                "nothing at {path}; frontends connect to /b/<backend-id>, agents to {LINKS_PATH}"
+            ),
         )
     };
     Ok(resp)
@@ -360,7 +362,10 @@ mod tests {
     #[test]
     fn query_parsing() {
         assert_eq!(query_u64(Some("ack=5"), "ack"), Some(5));
-        assert_eq!(query_u64(Some("x=1&ack=18446744073709551615"), "ack"), Some(u64::MAX));
+        assert_eq!(
+            query_u64(Some("x=1&ack=18446744073709551615"), "ack"),
+            Some(u64::MAX)
+        );
         assert_eq!(query_u64(Some("ack=-1"), "ack"), None);
         assert_eq!(query_u64(None, "ack"), None);
     }

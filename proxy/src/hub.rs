@@ -377,7 +377,8 @@ impl Hub {
             link: link.id.clone(),
             what,
         };
-        let (header, frames) = decode_batch(body).map_err(|e: WireError| protocol(e.to_string()))?;
+        let (header, frames) =
+            decode_batch(body).map_err(|e: WireError| protocol(e.to_string()))?;
         let mut st = lock(&link.state);
         if st.dead {
             return Err(HubError::UnknownLink(link.id.clone()));

@@ -98,17 +98,23 @@ pub async fn run(
             async move {
                 let result = match tls {
                     None => serve(&builder, TokioIo::new(stream), ctx, peer, shutdown).await,
-                    Some(acceptor) => match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => serve(&builder, TokioIo::new(tls_stream), ctx, peer, shutdown).await,
-                        Ok(Err(e)) => {
-                            debug!("TLS handshake failed: {e}");
-                            return;
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(tls_stream)) => {
+                                serve(&builder, TokioIo::new(tls_stream), ctx, peer, shutdown).await
+                            }
+                            Ok(Err(e)) => {
+                                debug!("TLS handshake failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!("TLS handshake timed out");
+                                return;
+                            }
                         }
-                        Err(_) => {
-                            debug!("TLS handshake timed out");
-                            return;
-                        }
-                    },
+                    }
                 };
                 if let Err(e) = result {
                     debug!("connection ended with an error: {e}");

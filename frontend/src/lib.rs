@@ -1,0 +1,159 @@
+//! backhaul-frontend: the public end of the stack. It accepts TCP connections (or uses
+//! stdin/stdout, for `ssh -o ProxyCommand`) and carries each over its own WebSocket to the relay,
+//! naming the backend it wants.
+#![forbid(unsafe_code)]
+
+use backhaul_common::bridge::{self, BridgeEnd, BridgeSummary};
+use backhaul_common::dial::{dial, DialOptions};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+use url::Url;
+
+/// How long shutdown waits for open connections.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// The frontend's settings, already validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The WebSocket URL of the backend at the relay: `<relay>/b/<backend-id>`.
+    pub url: Url,
+    pub dial: DialOptions,
+    pub max_connections: usize,
+}
+
+/// Builds `<relay>/b/<id>` from the relay's URL, keeping any base path and mapping http(s) to
+/// ws(s).
+pub fn session_url(relay: &str, backend_id: &str) -> Result<Url, String> {
+    let mut url = Url::parse(relay).map_err(|e| format!("{relay:?} is not a URL: {e}"))?;
+    let scheme = match url.scheme() {
+        "ws" | "http" => "ws",
+        "wss" | "https" => "wss",
+        other => {
+            return Err(format!(
+                "{relay:?} has scheme {other}:, expected ws, wss, http or https"
+            ))
+        }
+    };
+    if url.host_str().is_none() {
+        return Err(format!("{relay:?} has no host"));
+    }
+    url.set_scheme(scheme)
+        .map_err(|_| format!("cannot use {relay:?} as a WebSocket URL"))?;
+    let path = format!("{}/b/{backend_id}", url.path().trim_end_matches('/'));
+    url.set_path(&path);
+    url.set_query(None);
+    Ok(url)
+}
+
+/// Dials the relay and carries one byte stream over it.
+pub async fn carry<R, W>(config: &Config, read: R, write: W) -> anyhow::Result<BridgeSummary>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let dialed = dial(&config.url, &config.dial).await?;
+    Ok(bridge::run(read, write, dialed.ws).await)
+}
+
+/// Accepts TCP connections on `listener` and carries each to the relay, until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p?,
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("accept failed: {e}; retrying in 100 ms (check the open-files limit)");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let config = config.clone();
+        let span = tracing::info_span!("conn", client.addr = %peer);
+        tracker.spawn(
+            async move {
+                let (r, w) = stream.into_split();
+                match carry(&config, r, w).await {
+                    Ok(summary) => log_summary(&summary),
+                    Err(e) => warn!(
+                        "could not open a session to {}: {e:#}; closing the client connection",
+                        config.url
+                    ),
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    tracker.close();
+    if tokio::time::timeout(DRAIN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("connections still open after {DRAIN_GRACE:?}; exiting anyway");
+    }
+    Ok(())
+}
+
+/// Logs how a carried connection ended.
+pub fn log_summary(summary: &BridgeSummary) {
+    match &summary.end {
+        BridgeEnd::Clean => info!(
+            bytes.up = summary.to_ws,
+            bytes.down = summary.from_ws,
+            "connection ended"
+        ),
+        BridgeEnd::Closed(code, reason) => warn!(
+            bytes.up = summary.to_ws,
+            bytes.down = summary.from_ws,
+            "connection closed by the far end (code {code}): {reason}"
+        ),
+        BridgeEnd::Failed(why) => warn!(
+            bytes.up = summary.to_ws,
+            bytes.down = summary.from_ws,
+            "connection failed: {why}"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_urls() {
+        assert_eq!(
+            session_url("http://r:8080", "db").unwrap().as_str(),
+            "ws://r:8080/b/db"
+        );
+        assert_eq!(
+            session_url("https://r/pre/", "db").unwrap().as_str(),
+            "wss://r/pre/b/db"
+        );
+        assert_eq!(
+            session_url("ws://r:1/?x=1", "db").unwrap().as_str(),
+            "ws://r:1/b/db"
+        );
+        assert!(session_url("ftp://r", "db").is_err());
+        assert!(session_url("nonsense", "db").is_err());
+    }
+}
