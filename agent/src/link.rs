@@ -26,6 +26,8 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Retry delays for a poll or push that failed twice in a row (the first retry is immediate).
 const RETRY_INITIAL: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Smallest push batch the agent shrinks to after failed pushes.
+const MIN_PUSH_BATCH: usize = 16 * 1024;
 /// Largest poll response body accepted, as a multiple of the relay's batch size.
 const MAX_POLL_BODY_FACTOR: usize = 2;
 
@@ -242,6 +244,9 @@ impl Link {
     async fn push_loop(self: Arc<Self>) -> String {
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let max_batch = self.info.max_batch_bytes as usize;
+        // Shrinks after failures so pushes get through paths that cut long requests, and grows
+        // back after successes.
+        let mut batch_limit = max_batch;
         loop {
             let notified = self.out_notify.notified();
             let body = {
@@ -253,7 +258,7 @@ impl Link {
                     out.encode_batch(
                         out.base(),
                         self.down_ack.load(Ordering::Acquire),
-                        max_batch,
+                        batch_limit,
                         &mut buf,
                     );
                     Some(buf.freeze())
@@ -279,6 +284,10 @@ impl Link {
                 r = self.push_once(req) => r,
                 _ = self.done.cancelled() => return "shutting down".into(),
             };
+            match &outcome {
+                PollOutcome::Progress => batch_limit = (batch_limit * 2).min(max_batch),
+                _ => batch_limit = (batch_limit / 2).max(MIN_PUSH_BATCH),
+            }
             match outcome {
                 PollOutcome::Progress => backoff.reset(),
                 PollOutcome::LinkGone(why) => return why,

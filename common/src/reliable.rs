@@ -245,7 +245,7 @@ mod tests {
                 }
             }
             // Half of the time the response carrying the ack is lost too.
-            if round % 2 == 0 {
+            if round.is_multiple_of(2) {
                 sender.ack(receiver.ack()).unwrap();
             }
         }

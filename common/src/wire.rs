@@ -241,6 +241,11 @@ impl BatchReader {
         self.buf.extend_from_slice(chunk);
     }
 
+    /// Whether the batch header has been decoded.
+    pub fn has_header(&self) -> bool {
+        self.header.is_some()
+    }
+
     /// The batch header, once its bytes have arrived.
     pub fn header(&mut self) -> Result<Option<BatchHeader>, WireError> {
         if self.header.is_none() {

@@ -91,14 +91,16 @@ pub async fn run(
         let span = tracing::info_span!("conn", client.addr = %peer);
         tracker.spawn(
             async move {
-                let (r, w) = stream.into_split();
-                match carry(&config, r, w).await {
+                let (mut r, mut w) = stream.into_split();
+                match carry(&config, &mut r, &mut w).await {
                     Ok(summary) => log_summary(&summary),
                     Err(e) => warn!(
                         "could not open a session to {}: {e:#}; closing the client connection",
                         config.url
                     ),
                 }
+                // Close the client's connection only after logging why.
+                drop((r, w));
                 drop(permit);
             }
             .instrument(span),

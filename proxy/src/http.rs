@@ -4,6 +4,7 @@
 use crate::hub::{Hub, HubError};
 use backhaul_common::api::{self, Hello, OpenRequest, LINKS_PATH, PROTOCOL_VERSION};
 use backhaul_common::session::pump;
+use backhaul_common::wire::BatchReader;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -80,9 +81,9 @@ pub async fn handle(
         let rest = rest.to_string();
         frontend_session(ctx, peer, req, backend, rest)
     } else if path == LINKS_PATH || path.starts_with(&format!("{LINKS_PATH}/")) {
-        match authorize(&ctx, &req) {
-            Ok(()) => agent_api(ctx, req, &path).await,
-            Err(resp) => resp,
+        match unauthorized(&ctx, &req) {
+            None => agent_api(ctx, req, &path).await,
+            Some(resp) => resp,
         }
     } else {
         text(
@@ -95,24 +96,21 @@ pub async fn handle(
     Ok(resp)
 }
 
-fn authorize(ctx: &Ctx, req: &Request<Incoming>) -> Result<(), Response<Body>> {
-    let Some(want) = &ctx.agent_token else {
-        return Ok(());
-    };
+/// The refusal for an agent request without the right token, if one is required.
+fn unauthorized(ctx: &Ctx, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let want = ctx.agent_token.as_ref()?;
     let got = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if constant_time_eq(got.as_bytes(), want.as_bytes()) {
-        Ok(())
-    } else {
-        Err(text(
+    (!constant_time_eq(got.as_bytes(), want.as_bytes())).then(|| {
+        text(
             StatusCode::UNAUTHORIZED,
             "missing or wrong agent token; give the agent the relay's --agent-token",
-        ))
-    }
+        )
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -129,7 +127,7 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
         (Method::POST, "", "") => {
             let body = match read_body(req, MAX_HELLO_BYTES).await {
                 Ok(b) => b,
-                Err(resp) => return resp,
+                Err(resp) => return *resp,
             };
             let hello: Hello = match serde_json::from_slice(&body) {
                 Ok(h) => h,
@@ -189,11 +187,7 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
                 Err(e) => return hub_error(e),
             };
             let limit = hub.cfg.max_batch_bytes * 2 + 64 * 1024;
-            let body = match read_body(req, limit).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            match hub.push(&link, &body) {
+            match push(hub, &link, req, limit).await {
                 Ok(body) => batch(body),
                 Err(e) => {
                     if matches!(e, HubError::Protocol { .. }) {
@@ -220,21 +214,60 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
     }
 }
 
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
+/// Reads a push body as it streams in, delivering whole frames at once, and returns the ack.
+/// A body cut half-way has still delivered its whole frames; the agent re-sends the rest.
+async fn push(
+    hub: &Hub,
+    link: &Arc<crate::hub::Link>,
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<Bytes, HubError> {
+    let mut body = req.into_body();
+    let mut reader = BatchReader::new();
+    let mut received = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                debug!(link.id = %link.id, "push body cut after {received} bytes: {e}");
+                return Ok(hub.push_ack(link));
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers carry nothing for us
+        };
+        received += data.len();
+        if received > limit {
+            return Err(HubError::Protocol {
+                link: link.id.clone(),
+                what: format!("push body over {limit} bytes"),
+            });
+        }
+        reader.push(&data);
+        hub.push_frames(link, &mut reader)?;
+    }
+    reader.finish().map_err(|e| HubError::Protocol {
+        link: link.id.clone(),
+        what: e.to_string(),
+    })?;
+    Ok(hub.push_ack(link))
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Box<Response<Body>>> {
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) => {
             if e.is::<http_body_util::LengthLimitError>() {
-                Err(text(
+                Err(Box::new(text(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("request body over the limit of {limit} bytes"),
-                ))
+                )))
             } else {
                 // The connection broke mid-body; the agent will retry.
-                Err(text(
+                Err(Box::new(text(
                     StatusCode::BAD_REQUEST,
                     format!("request body could not be read: {e}"),
-                ))
+                )))
             }
         }
     }

@@ -8,7 +8,7 @@
 use backhaul_common::api::{LinkInfo, OpenRequest};
 use backhaul_common::reliable::{Arrival, RecvState, SendBuffer};
 use backhaul_common::session::{new_session, FrameSink, SessionHandle, SessionPeer};
-use backhaul_common::wire::{decode_batch, BatchHeader, Frame, Kind, WireError};
+use backhaul_common::wire::{BatchHeader, BatchReader, Frame, Kind};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -371,22 +371,27 @@ impl Hub {
         out.freeze()
     }
 
-    /// Takes one push batch from the agent, delivers its new frames, and returns the ack.
-    pub fn push(&self, link: &Arc<Link>, body: &[u8]) -> Result<Bytes, HubError> {
+    /// Delivers the whole frames that have arrived so far in a push body. Called as body chunks
+    /// come in, so a push cut half-way still delivers what it carried.
+    pub fn push_frames(&self, link: &Arc<Link>, reader: &mut BatchReader) -> Result<(), HubError> {
         let protocol = |what: String| HubError::Protocol {
             link: link.id.clone(),
             what,
         };
-        let (header, frames) =
-            decode_batch(body).map_err(|e: WireError| protocol(e.to_string()))?;
         let mut st = lock(&link.state);
         if st.dead {
             return Err(HubError::UnknownLink(link.id.clone()));
         }
-        st.send
-            .ack(header.ack)
-            .map_err(|e| protocol(e.to_string()))?;
-        for (seq, frame) in frames {
+        let first = !reader.has_header();
+        if let Some(header) = reader.header().map_err(|e| protocol(e.to_string()))? {
+            if first {
+                st.send
+                    .ack(header.ack)
+                    .map_err(|e| protocol(e.to_string()))?;
+            }
+        }
+        let mut woke = false;
+        while let Some((seq, frame)) = reader.next_frame().map_err(|e| protocol(e.to_string()))? {
             match st.recv.arrive(seq).map_err(|e| protocol(e.to_string()))? {
                 Arrival::Duplicate => continue,
                 Arrival::Deliver => {}
@@ -411,19 +416,28 @@ impl Hub {
                 handle.terminate(Frame::close(id, 1011, "agent broke flow control"));
                 st.send.push(Frame::abort(id, "flow control violated"));
                 st.sessions.remove(&id);
+                woke = true;
             } else if ends {
                 st.sessions.remove(&id);
             }
         }
+        drop(st);
+        if woke {
+            link.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The answer to a push: a batch header carrying the relay's ack for the agent's frames.
+    pub fn push_ack(&self, link: &Arc<Link>) -> Bytes {
+        let st = lock(&link.state);
         let mut out = BytesMut::new();
         BatchHeader {
             ack: st.recv.ack(),
             first_seq: st.send.next_seq(),
         }
         .encode(&mut out);
-        drop(st);
-        link.notify.notify_one();
-        Ok(out.freeze())
+        out.freeze()
     }
 
     /// Declares a link dead: its sessions are closed with `reason` and it is forgotten.

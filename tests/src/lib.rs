@@ -1,1 +1,329 @@
-//! End-to-end test harness (being written)
+//! End-to-end test harness: starts the real backhaul programs on ephemeral ports, waits for their
+//! ready lines (never sleeps), and provides the services, traffic generators and faults the tests
+//! need. A failing test prints the stderr of every program it started.
+//!
+//! - [`Program`]: one spawned binary, killed on drop;
+//! - [`Stack`]: service + backend + relay + agent + frontend, wired together;
+//! - [`services`]: echo and other TCP services the tests run in-process;
+//! - [`fault`]: a TCP proxy that cuts every connection after a byte budget;
+//! - [`data`]: deterministic pseudo-random streams and their hashes;
+//! - [`forward_proxy`]: tinyproxy refusing CONNECT, for the agent to go through.
+
+pub mod data;
+pub mod fault;
+pub mod forward_proxy;
+pub mod services;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// Longest wait for a program's ready line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for any single network step in a test.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The directory holding the workspace's binaries (next to the test executable's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf();
+    dir
+}
+
+/// Path of one of the four programs; fails with instructions if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before `cargo test` (scripts/test.sh does both)",
+        path.display()
+    );
+    path
+}
+
+/// A scratch directory removed at the end of the test process.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "backhaul-e2e-{}-{}-{tag}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// One running program. Killed when dropped; its stderr is printed if the test is failing.
+pub struct Program {
+    pub name: String,
+    child: Child,
+    stderr_path: PathBuf,
+    lines: mpsc::UnboundedReceiver<String>,
+    /// The address from its `listening on` line, if it printed one.
+    pub addr: Option<SocketAddr>,
+}
+
+impl Program {
+    /// Starts `name` with `args` and extra environment. Proxy variables are cleared unless given.
+    pub fn spawn(name: &str, args: &[String], env: &[(String, String)]) -> Program {
+        let dir = scratch_dir(name);
+        let stderr_path = dir.join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr log");
+        let mut cmd = Command::new(bin(name));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .env("RUST_LOG", "info,backhaul=debug")
+            .kill_on_drop(true);
+        for var in [
+            "HTTP_PROXY",
+            "http_proxy",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {name}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Program {
+            name: name.to_string(),
+            child,
+            stderr_path,
+            lines,
+            addr: None,
+        }
+    }
+
+    /// Starts a program and waits for its `listening on` line.
+    pub async fn listening(name: &str, args: &[String], env: &[(String, String)]) -> Program {
+        let mut p = Program::spawn(name, args, env);
+        let line = p.wait_line("listening on ").await;
+        let addr = line
+            .rsplit("listening on ")
+            .next()
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} printed an unparsable ready line: {line:?}"));
+        p.addr = Some(addr);
+        p
+    }
+
+    /// Waits for a stdout line containing `needle`.
+    pub async fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) if line.contains(needle) => return line,
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!(
+                    "{} exited before printing {needle:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ),
+                Err(_) => panic!(
+                    "{} did not print {needle:?} within {READY_TIMEOUT:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("program has a listening address")
+    }
+
+    /// Everything the program wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Kills the program at once (SIGKILL) and waits for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Waits for the program to exit and returns its exit code.
+    pub async fn wait(&mut self) -> Option<i32> {
+        tokio::time::timeout(STEP_TIMEOUT, self.child.wait())
+            .await
+            .expect("program did not exit in time")
+            .ok()
+            .and_then(|s| s.code())
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.stderr();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            eprintln!(
+                "----- stderr of {} (last 60 lines) -----\n{tail}",
+                self.name
+            );
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Options for [`Stack::start`].
+#[derive(Default, Clone)]
+pub struct StackOptions {
+    /// The TCP service the backend connects to; an echo service when `None`.
+    pub target: Option<SocketAddr>,
+    /// The URL the agent uses for the relay (e.g. through a fault injector); the relay itself
+    /// when `None`.
+    pub agent_relay_url: Option<String>,
+    /// Extra environment for the agent (e.g. HTTP_PROXY).
+    pub agent_env: Vec<(String, String)>,
+    /// Extra relay arguments.
+    pub relay_args: Vec<String>,
+    /// The backend ID; `test` when empty.
+    pub backend_id: String,
+}
+
+/// The whole stack on loopback.
+pub struct Stack {
+    pub target: SocketAddr,
+    pub backend: Program,
+    pub relay: Program,
+    pub agent: Program,
+    pub frontend: Program,
+    pub backend_id: String,
+    pub opts: StackOptions,
+}
+
+pub fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+impl Stack {
+    pub async fn start(opts: StackOptions) -> Stack {
+        let target = match opts.target {
+            Some(t) => t,
+            None => services::echo().await,
+        };
+        let backend_id = if opts.backend_id.is_empty() {
+            "test".to_string()
+        } else {
+            opts.backend_id.clone()
+        };
+        let backend = Program::listening(
+            "backhaul-backend",
+            &[s("--listen"), s("127.0.0.1:0"), s("--target"), s(target)],
+            &[],
+        )
+        .await;
+        let mut relay_args = vec![s("--listen"), s("127.0.0.1:0")];
+        relay_args.extend(opts.relay_args.iter().cloned());
+        let relay = Program::listening("backhaul-relay", &relay_args, &[]).await;
+        let agent = start_agent(&opts, &relay, &backend, &backend_id).await;
+        let frontend = Program::listening(
+            "backhaul-frontend",
+            &[
+                s("--listen"),
+                s("127.0.0.1:0"),
+                s("--relay"),
+                format!("http://{}", relay.addr()),
+                s("--backend-id"),
+                backend_id.clone(),
+            ],
+            &[],
+        )
+        .await;
+        Stack {
+            target,
+            backend,
+            relay,
+            agent,
+            frontend,
+            backend_id,
+            opts,
+        }
+    }
+
+    /// Replaces the agent with a fresh process (the old one is killed first).
+    pub async fn restart_agent(&mut self) {
+        self.agent.kill().await;
+        self.agent = start_agent(&self.opts, &self.relay, &self.backend, &self.backend_id).await;
+    }
+
+    /// The frontend's address: where clients connect.
+    pub fn entry(&self) -> SocketAddr {
+        self.frontend.addr()
+    }
+
+    pub fn relay_url(&self) -> String {
+        format!("http://{}", self.relay.addr())
+    }
+}
+
+async fn start_agent(
+    opts: &StackOptions,
+    relay: &Program,
+    backend: &Program,
+    backend_id: &str,
+) -> Program {
+    let relay_url = opts
+        .agent_relay_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", relay.addr()));
+    let mut agent = Program::spawn(
+        "backhaul-agent",
+        &[
+            s("--relay"),
+            relay_url,
+            s("--backend-id"),
+            s(backend_id),
+            s("--backend"),
+            format!("ws://{}", backend.addr()),
+        ],
+        &opts.agent_env,
+    );
+    agent.wait_line("connected to relay").await;
+    agent
+}
+
+/// A port on 127.0.0.1 that nothing listens on (bound, then released).
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    addr
+}

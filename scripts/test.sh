@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every test of backhaul: unit tests and the end-to-end tests that start the four real
+# programs. Installs what the tests need (tinyproxy, the forward proxy the agent must go through)
+# when it is missing. Extra arguments go to `cargo test` (e.g. a test name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x /usr/bin/tinyproxy ] && [ ! -x /usr/sbin/tinyproxy ]; then
+    echo "test.sh: installing tinyproxy (the forward-proxy test needs it)"
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq tinyproxy >/dev/null
+fi
+
+# The end-to-end tests run the binaries from target/, so build them first.
+cargo build --workspace --bins
+cargo test --workspace "$@"

@@ -1,0 +1,417 @@
+//! The four real programs on ephemeral ports, with real bytes checked by hash.
+
+use backhaul_tests::fault::FaultInjector;
+use backhaul_tests::forward_proxy::ForwardProxy;
+use backhaul_tests::{closed_port, data, s, services, Program, Stack, StackOptions, STEP_TIMEOUT};
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+
+const MIB: u64 = 1 << 20;
+
+async fn step<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    timeout(STEP_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {STEP_TIMEOUT:?}"))
+}
+
+/// Sends `len` bytes of stream `seed` through `entry` (an echo service behind it) while reading
+/// the echo; checks that what came back hashes like what was sent.
+async fn echo_transfer(entry: SocketAddr, seed: u64, len: u64) {
+    let stream = step("connect", TcpStream::connect(entry)).await.unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let sender = tokio::spawn(async move { data::send(&mut w, seed, len).await });
+    let (got, got_hash) = step("echo transfer", data::receive(&mut r)).await.unwrap();
+    let sent_hash = sender.await.unwrap().unwrap();
+    assert_eq!(got, len, "echo returned {got} of {len} bytes");
+    assert_eq!(
+        got_hash, sent_hash,
+        "echoed bytes differ from the sent ones"
+    );
+    assert_eq!(sent_hash, data::expected_hash(seed, len));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_round_trip() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let mut c = step("connect", TcpStream::connect(stack.entry()))
+        .await
+        .unwrap();
+    c.write_all(b"hello, backhaul").await.unwrap();
+    let mut buf = [0u8; 15];
+    step("echo", c.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"hello, backhaul");
+    c.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    step("end of stream", c.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(rest.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way() {
+    let stack = Stack::start(StackOptions::default()).await;
+    echo_transfer(stack.entry(), 64, 64 * MIB).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let entry = stack.entry();
+    let tasks: Vec<_> = (0..200u64)
+        .map(|i| tokio::spawn(echo_transfer(entry, 1000 + i, 64 * 1024 + i * 97)))
+        .collect();
+    for t in tasks {
+        t.await.expect("a connection failed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_still_gets_the_whole_reply() {
+    let target = services::reply_after_eof(7, 3 * MIB).await;
+    let stack = Stack::start(StackOptions {
+        target: Some(target),
+        ..Default::default()
+    })
+    .await;
+    let c = step("connect", TcpStream::connect(stack.entry()))
+        .await
+        .unwrap();
+    let (mut r, mut w) = c.into_split();
+    // Send a request and shut down our sending side, as `nc -N` or an HTTP/1.0 client does.
+    let sent_hash = data::send(&mut w, 3, 200_000).await.unwrap();
+    let mut hash = [0u8; 64];
+    step("service's hash of our request", r.read_exact(&mut hash))
+        .await
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&hash).unwrap(), sent_hash);
+    let (len, reply_hash) = step("reply after half-close", data::receive(&mut r))
+        .await
+        .unwrap();
+    assert_eq!(len, 3 * MIB);
+    assert_eq!(reply_hash, data::expected_hash(7, 3 * MIB));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_refusing_closes_the_client_promptly() {
+    let stack = Stack::start(StackOptions {
+        target: Some(closed_port()),
+        ..Default::default()
+    })
+    .await;
+    let mut c = step("connect", TcpStream::connect(stack.entry()))
+        .await
+        .unwrap();
+    let _ = c.write_all(b"anyone there?").await;
+    let mut buf = Vec::new();
+    // Either end-of-stream or a reset: what matters is that it ends, and quickly.
+    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut buf)).await;
+    assert!(
+        r.is_ok(),
+        "client connection stayed open although the target refuses"
+    );
+    assert!(buf.is_empty());
+    let log = stack.backend.stderr();
+    assert!(
+        log.contains("could not connect to target"),
+        "backend log:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_agent_for_the_backend_id() {
+    let relay = Program::listening("backhaul-relay", &[s("--listen"), s("127.0.0.1:0")], &[]).await;
+    let frontend = Program::listening(
+        "backhaul-frontend",
+        &[
+            s("--listen"),
+            s("127.0.0.1:0"),
+            s("--relay"),
+            format!("http://{}", relay.addr()),
+            s("--backend-id"),
+            s("nobody"),
+        ],
+        &[],
+    )
+    .await;
+    // A WebSocket client gets a clear HTTP error, not a hang.
+    let url = format!("ws://{}/b/nobody", relay.addr());
+    match step("ws connect", tokio_tungstenite::connect_async(url)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 503);
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
+            assert!(body.contains("no agent"), "body: {body}");
+        }
+        other => panic!("expected HTTP 503, got {:?}", other.map(|_| ())),
+    }
+    // A TCP client of the frontend sees its connection closed promptly.
+    let mut c = step("connect", TcpStream::connect(frontend.addr()))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "frontend kept the client waiting with no agent");
+    let log = frontend.stderr();
+    assert!(
+        log.contains("503"),
+        "frontend should log the relay's answer:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restarted_while_idle() {
+    let mut stack = Stack::start(StackOptions::default()).await;
+    echo_transfer(stack.entry(), 1, 100_000).await;
+    stack.restart_agent().await;
+    // New connections work with the new agent (sessions wait at the relay for it if needed).
+    for i in 0..5 {
+        echo_transfer(stack.entry(), 10 + i, 100_000).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_http_connections_lose_nothing() {
+    // The agent reaches the relay through an injector that resets every connection after
+    // 32-256 KiB, in the middle of polls and pushes.
+    let echo = services::echo().await;
+    let relay = Program::listening("backhaul-relay", &[s("--listen"), s("127.0.0.1:0")], &[]).await;
+    let injector = FaultInjector::start(relay.addr(), 32 * 1024, 256 * 1024).await;
+    let backend = Program::listening(
+        "backhaul-backend",
+        &[s("--listen"), s("127.0.0.1:0"), s("--target"), s(echo)],
+        &[],
+    )
+    .await;
+    let mut agent = Program::spawn(
+        "backhaul-agent",
+        &[
+            s("--relay"),
+            format!("http://{}", injector.addr),
+            s("--backend-id"),
+            s("cut"),
+            s("--backend"),
+            format!("ws://{}", backend.addr()),
+        ],
+        &[],
+    );
+    agent.wait_line("connected to relay").await;
+    let frontend = Program::listening(
+        "backhaul-frontend",
+        &[
+            s("--listen"),
+            s("127.0.0.1:0"),
+            s("--relay"),
+            format!("http://{}", relay.addr()),
+            s("--backend-id"),
+            s("cut"),
+        ],
+        &[],
+    )
+    .await;
+    echo_transfer(frontend.addr(), 99, 64 * MIB).await;
+    assert!(
+        injector.cuts() > 10,
+        "the injector cut only {} of {} connections; the test proved nothing",
+        injector.cuts(),
+        injector.connections()
+    );
+    eprintln!(
+        "injector cut {} of {} connections",
+        injector.cuts(),
+        injector.connections()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_through_a_forward_proxy_that_refuses_connect() {
+    let proxy = ForwardProxy::start().await;
+    let stack = Stack::start(StackOptions {
+        agent_env: vec![
+            (s("HTTP_PROXY"), proxy.url()),
+            (s("HTTPS_PROXY"), proxy.url()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    echo_transfer(stack.entry(), 5, 4 * MIB).await;
+    let log = proxy.log();
+    assert!(
+        log.contains("/agent/v1/links"),
+        "the agent's requests did not go through the proxy; tinyproxy log:\n{log}"
+    );
+    let status = proxy.try_connect(stack.relay.addr()).await;
+    assert!(
+        status.contains(" 403") || status.contains(" 4"),
+        "the proxy should refuse CONNECT, it answered {status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_websocket_traffic_is_carried_faithfully() {
+    let ws_server = services::websocket_echo().await;
+    let relay = Program::listening("backhaul-relay", &[s("--listen"), s("127.0.0.1:0")], &[]).await;
+    let mut agent = Program::spawn(
+        "backhaul-agent",
+        &[
+            s("--relay"),
+            format!("http://{}", relay.addr()),
+            s("--backend-id"),
+            s("ws"),
+            s("--backend"),
+            format!("ws://{ws_server}/base"),
+        ],
+        &[],
+    );
+    agent.wait_line("connected to relay").await;
+    let url = format!("ws://{}/b/ws/some/path?x=1&y=2", relay.addr());
+    let (mut ws, _) = step("ws connect", tokio_tungstenite::connect_async(url))
+        .await
+        .unwrap();
+    let first = step("first message", ws.next())
+        .await
+        .expect("a message")
+        .unwrap();
+    assert_eq!(first, Message::Text("/base/some/path?x=1&y=2".into()));
+
+    ws.send(Message::Text("h\u{e9}llo".into())).await.unwrap();
+    let big = bytes::Bytes::from(data::bytes(3, 3 * 1024 * 1024 + 17));
+    ws.send(Message::Binary(big.clone())).await.unwrap();
+    ws.send(Message::Binary(bytes::Bytes::new())).await.unwrap();
+    ws.send(Message::Ping(bytes::Bytes::from_static(b"cli")))
+        .await
+        .unwrap();
+    ws.send(Message::Text("ping-me".into())).await.unwrap();
+    ws.send(Message::Text("close-me".into())).await.unwrap();
+
+    let mut seen = Vec::new();
+    loop {
+        match step("ws message", ws.next()).await {
+            Some(Ok(Message::Pong(_))) => {}
+            Some(Ok(m)) => {
+                let end = matches!(m, Message::Close(_));
+                seen.push(m);
+                if end {
+                    break;
+                }
+            }
+            Some(Err(e)) => panic!("WebSocket failed: {e}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen[0], Message::Text("h\u{e9}llo".into()));
+    assert!(
+        seen[1] == Message::Binary(big),
+        "3 MiB binary message changed in transit"
+    );
+    assert_eq!(seen[2], Message::Binary(bytes::Bytes::new()));
+    assert_eq!(seen[3], Message::Text("ping-seen:cli".into()));
+    assert_eq!(seen[4], Message::Ping(bytes::Bytes::from_static(b"srv")));
+    match &seen[5] {
+        Message::Close(Some(cf)) => {
+            assert_eq!(u16::from(cf.code), 4000);
+            assert_eq!(cf.reason.as_str(), "bye");
+        }
+        other => panic!("expected the server's close 4000 \"bye\", got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_mode_carries_stdin_and_stdout() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let mut child = tokio::process::Command::new(backhaul_tests::bin("backhaul-frontend"))
+        .args([
+            "--stdio",
+            "--relay",
+            &stack.relay_url(),
+            "--backend-id",
+            &stack.backend_id,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let writer = tokio::spawn(async move {
+        let h = data::send(&mut stdin, 42, 2 * MIB).await.unwrap();
+        drop(stdin);
+        h
+    });
+    let (n, hash) = step("stdio echo", data::receive(&mut stdout))
+        .await
+        .unwrap();
+    assert_eq!(n, 2 * MIB);
+    assert_eq!(hash, writer.await.unwrap());
+    let status = step("frontend exit", child.wait()).await.unwrap();
+    assert!(status.success(), "frontend --stdio exited with {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_command_lines_get_a_clear_error_and_exit_64() {
+    for (prog, args, needle) in [
+        (
+            "backhaul-agent",
+            vec![
+                "--relay",
+                "ftp://x",
+                "--backend-id",
+                "a",
+                "--backend",
+                "ws://b:1",
+            ],
+            "--relay",
+        ),
+        (
+            "backhaul-agent",
+            vec![
+                "--relay",
+                "http://x",
+                "--backend-id",
+                "a/b",
+                "--backend",
+                "ws://b:1",
+            ],
+            "--backend-id",
+        ),
+        (
+            "backhaul-frontend",
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--relay",
+                "nonsense",
+                "--backend-id",
+                "a",
+            ],
+            "--relay",
+        ),
+        (
+            "backhaul-backend",
+            vec!["--listen", "127.0.0.1:0", "--target", "nohostport"],
+            "--target",
+        ),
+        (
+            "backhaul-relay",
+            vec!["--listen", "256.0.0.1:1"],
+            "could not listen",
+        ),
+    ] {
+        let out = tokio::process::Command::new(backhaul_tests::bin(prog))
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{prog} {args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{prog} {args:?} said: {stderr}");
+        assert!(!stderr.contains("panicked"), "{prog} panicked: {stderr}");
+    }
+}
