@@ -15,7 +15,7 @@ pub mod forward_proxy;
 pub mod services;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,15 +28,16 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for any single network step in a test.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The directory holding the workspace's binaries (next to the test executable's `deps/`).
+/// The directory holding the workspace's binaries: `target/<profile>/`, where a test executable
+/// sits one level down in `deps/` and a binary of this crate (the benchmark) sits directly.
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps")
-        .to_path_buf();
-    dir
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable has a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of one of the four programs; fails with instructions if it was not built.
@@ -83,7 +84,10 @@ impl Program {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
-            .env("RUST_LOG", "info,backhaul=debug")
+            .env(
+                "RUST_LOG",
+                "info,backhaul_common=debug,backhaul_relay=debug,backhaul_agent=debug,backhaul_frontend=debug,backhaul_backend=debug",
+            )
             .kill_on_drop(true);
         for var in [
             "HTTP_PROXY",
@@ -170,6 +174,11 @@ impl Program {
         let _ = self.child.kill().await;
     }
 
+    /// The process ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Waits for the program to exit and returns its exit code.
     pub async fn wait(&mut self) -> Option<i32> {
         tokio::time::timeout(STEP_TIMEOUT, self.child.wait())
@@ -235,6 +244,11 @@ pub fn s(v: impl ToString) -> String {
 
 impl Stack {
     pub async fn start(opts: StackOptions) -> Stack {
+        Self::start_with_env(opts, &[]).await
+    }
+
+    /// Like [`Stack::start`], with extra environment for every program (e.g. `RUST_LOG`).
+    pub async fn start_with_env(opts: StackOptions, env: &[(String, String)]) -> Stack {
         let target = match opts.target {
             Some(t) => t,
             None => services::echo().await,
@@ -247,13 +261,15 @@ impl Stack {
         let backend = Program::listening(
             "backhaul-backend",
             &[s("--listen"), s("127.0.0.1:0"), s("--target"), s(target)],
-            &[],
+            env,
         )
         .await;
         let mut relay_args = vec![s("--listen"), s("127.0.0.1:0")];
         relay_args.extend(opts.relay_args.iter().cloned());
-        let relay = Program::listening("backhaul-relay", &relay_args, &[]).await;
-        let agent = start_agent(&opts, &relay, &backend, &backend_id).await;
+        let relay = Program::listening("backhaul-relay", &relay_args, env).await;
+        let mut agent_opts = opts.clone();
+        agent_opts.agent_env.extend(env.iter().cloned());
+        let agent = start_agent(&agent_opts, &relay, &backend, &backend_id).await;
         let frontend = Program::listening(
             "backhaul-frontend",
             &[
@@ -264,7 +280,7 @@ impl Stack {
                 s("--backend-id"),
                 backend_id.clone(),
             ],
-            &[],
+            env,
         )
         .await;
         Stack {
