@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of backhaul: unit tests and the end-to-end tests that start the four real
 # programs. Installs what the tests need (tinyproxy, the forward proxy the agent must go through)
-# when it is missing. Extra arguments go to `cargo test` (e.g. a test name filter).
+# when it is missing. Extra arguments go to `cargo test` (e.g. a test name filter). Ends with a
+# line "tests: N passed, N failed", also saved in target/test-summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,4 +16,10 @@ fi
 
 # The end-to-end tests run the binaries from target/, so build them first.
 cargo build --workspace --bins
-cargo test --workspace "$@"
+mkdir -p target
+log=target/test-output.txt
+status=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log" \
+    | tee target/test-summary.txt
+exit "$status"

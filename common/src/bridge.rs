@@ -185,6 +185,9 @@ where
             end = &mut down => break end,
         }
     };
+    // Send whatever tungstenite still holds (its answer to the far end's Close, or ours) and
+    // finish the close handshake, so the far end does not see a reset.
+    let _ = tokio::time::timeout(CLOSE_WAIT, async { sink.lock().await.close().await }).await;
     BridgeSummary {
         to_ws: to_ws.load(Relaxed),
         from_ws: from_ws.load(Relaxed),

@@ -317,6 +317,11 @@ where
         ending = reader => (ending, false),
         done = writer => done,
     };
+    if let Ending::LocalClose(_) = ending {
+        // tungstenite has queued its answer to the peer's Close; send it before hanging up, so
+        // the peer sees a complete close handshake.
+        let _ = tokio::time::timeout(CLOSE_LINGER, ws_tx.close()).await;
+    }
     if sent_close {
         // Give the WebSocket peer a moment to answer our Close, so it sees a clean end.
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
