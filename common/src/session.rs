@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
@@ -48,6 +48,9 @@ pub struct SessionHandle {
     credits: Arc<Semaphore>,
     queued: Arc<AtomicUsize>,
     window: u32,
+    /// Told about the session's first OPENED or CLOSE, for a side that waits for the far end
+    /// to accept before it answers its own client (the relay, when subprotocols are offered).
+    accepted: std::sync::Mutex<Option<oneshot::Sender<Frame>>>,
 }
 
 /// The pump's side of a session, consumed by [`pump`].
@@ -73,6 +76,7 @@ pub fn new_session(id: u32, window: u32) -> (SessionHandle, SessionPeer) {
             credits: credits.clone(),
             queued: queued.clone(),
             window,
+            accepted: std::sync::Mutex::new(None),
         },
         SessionPeer {
             id,
@@ -88,6 +92,16 @@ impl SessionHandle {
     /// Hands a frame received from the link to the session. An error means the peer broke flow
     /// control or sent garbage: drop the session (and tell the peer with an abort).
     pub fn deliver(&self, frame: Frame) -> Result<(), SessionViolation> {
+        if matches!(frame.kind, Kind::Opened | Kind::Close) {
+            let waiter = self
+                .accepted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(w) = waiter {
+                let _ = w.send(frame.clone());
+            }
+        }
         match frame.kind {
             Kind::Window => {
                 let credit = frame
@@ -117,6 +131,13 @@ impl SessionHandle {
                 Ok(())
             }
         }
+    }
+
+    /// Returns a receiver for the session's first OPENED or CLOSE frame from the far end.
+    pub fn on_accept(&self) -> oneshot::Receiver<Frame> {
+        let (tx, rx) = oneshot::channel();
+        *self.accepted.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
     }
 
     /// Ends the session from the link's side: the pump closes its WebSocket with this frame

@@ -1,10 +1,10 @@
 //! The relay's HTTP surface: frontends' WebSocket upgrades under `/b/<id>`, the agent API under
 //! `/agent/v1/links`, and `/healthz`. Handlers translate between HTTP and the [`Hub`].
 
-use crate::hub::{Hub, HubError};
-use backhaul_common::api::{self, Hello, OpenRequest, LINKS_PATH, PROTOCOL_VERSION};
-use backhaul_common::session::pump;
-use backhaul_common::wire::BatchReader;
+use crate::hub::{Hub, HubError, RelaySession};
+use backhaul_common::api::{self, Hello, OpenRequest, Opened, LINKS_PATH, PROTOCOL_VERSION};
+use backhaul_common::session::{pump, FrameSink};
+use backhaul_common::wire::{BatchReader, Frame, Kind};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -79,7 +79,7 @@ pub async fn handle(
     } else if let Some((backend, rest)) = api::split_session_path(&path) {
         let backend = backend.to_string();
         let rest = rest.to_string();
-        frontend_session(ctx, peer, req, backend, rest)
+        frontend_session(ctx, peer, req, backend, rest).await
     } else if path == LINKS_PATH || path.starts_with(&format!("{LINKS_PATH}/")) {
         match unauthorized(&ctx, &req) {
             None => agent_api(ctx, req, &path).await,
@@ -280,8 +280,28 @@ fn query_u64(query: Option<&str>, key: &str) -> Option<u64> {
     })
 }
 
+/// Ends a session that never got its WebSocket (the client left, or the backend refused), unless
+/// disarmed because the session task took over.
+struct Unstarted {
+    hub: Arc<Hub>,
+    session: Option<Arc<RelaySession>>,
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            // If an agent already holds it, tell it the client is gone.
+            FrameSink::send(
+                &*session,
+                Frame::close(session.id, 1001, "client went away"),
+            );
+            self.hub.close_session(&session);
+        }
+    }
+}
+
 /// Accepts a frontend's WebSocket for `backend` and runs its session.
-fn frontend_session(
+async fn frontend_session(
     ctx: Arc<Ctx>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
@@ -321,13 +341,56 @@ fn frontend_session(
         protocols,
         client_addr: Some(peer.to_string()),
     };
-    let (session, session_peer) = match ctx.hub.open_session(&backend, &open) {
+    let offered = open.protocols.clone();
+    let (session, session_peer, accepted) = match ctx.hub.open_session(&backend, &open) {
         Ok(s) => s,
         Err(e) => {
             info!(backend.id = %backend, client.addr = %peer, "refused session: {e}");
             return hub_error(e);
         }
     };
+    let mut unstarted = Unstarted {
+        hub: ctx.hub.clone(),
+        session: Some(session.clone()),
+    };
+    // With subprotocols offered, the upgrade must carry the backend's choice: wait for it.
+    let mut chosen = None;
+    if let Some(accepted) = accepted {
+        let timeout = ctx.hub.cfg.open_timeout;
+        match tokio::time::timeout(timeout, accepted).await {
+            Ok(Ok(f)) if f.kind == Kind::Opened => {
+                chosen = serde_json::from_slice::<Opened>(&f.payload)
+                    .ok()
+                    .and_then(|o| o.protocol)
+                    .filter(|p| offered.contains(p));
+            }
+            Ok(Ok(f)) => {
+                let reason = f
+                    .close_parts()
+                    .ok()
+                    .flatten()
+                    .map(|(_, r)| r)
+                    .unwrap_or_default();
+                info!(
+                    session.id = session.id,
+                    "backend refused the session: {reason}"
+                );
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("backend '{backend}' refused the session: {reason}"),
+                );
+            }
+            _ => {
+                return text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "no agent for backend '{backend}' accepted the session within {timeout:?}"
+                    ),
+                );
+            }
+        }
+    }
+    unstarted.session = None;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span = tracing::info_span!("session", session.id = session.id, backend.id = %backend, client.addr = %peer);
     let hub = ctx.hub.clone();
@@ -384,6 +447,9 @@ fn frontend_session(
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(v) = chosen.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
     }
     resp
 }

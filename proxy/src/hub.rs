@@ -122,6 +122,11 @@ impl FrameSink for RelaySession {
 }
 
 impl RelaySession {
+    /// Waits for the agent's word on this session: OPENED (the backend accepted) or CLOSE.
+    pub fn on_accept(&self) -> tokio::sync::oneshot::Receiver<Frame> {
+        self.handle.on_accept()
+    }
+
     /// The session's pump has ended: stop routing frames to it.
     pub fn finish(&self) {
         let mut st = lock(&self.state);
@@ -255,11 +260,22 @@ impl Hub {
     }
 
     /// Opens a session for a frontend. Fails at once when no agent serves the backend.
+    ///
+    /// When the client offered subprotocols, the third value receives the agent's OPENED (with
+    /// the backend's choice) or CLOSE, so the upgrade can be answered with the real choice.
+    #[allow(clippy::type_complexity)]
     pub fn open_session(
         &self,
         backend: &str,
         open: &OpenRequest,
-    ) -> Result<(Arc<RelaySession>, SessionPeer), HubError> {
+    ) -> Result<
+        (
+            Arc<RelaySession>,
+            SessionPeer,
+            Option<tokio::sync::oneshot::Receiver<Frame>>,
+        ),
+        HubError,
+    > {
         let payload = Bytes::from(serde_json::to_vec(open).unwrap_or_default());
         let mut inner = lock(&self.inner);
         if inner.sessions >= self.cfg.max_sessions {
@@ -285,12 +301,14 @@ impl Hub {
             handle: Arc::new(handle),
             state: Mutex::new(SessionState::Pending(Vec::new())),
         });
+        // Registered before any agent can see the session, so its answer cannot be missed.
+        let accepted = (!open.protocols.is_empty()).then(|| session.on_accept());
         b.pending.push_back(session.clone());
         for link in &b.links {
             link.notify.notify_one();
         }
         inner.sessions += 1;
-        Ok((session, peer))
+        Ok((session, peer, accepted))
     }
 
     /// Call when a session's pump has ended.
@@ -403,7 +421,6 @@ impl Hub {
                 }
                 Kind::Opened => {
                     debug!(session.id = id, link.id = %link.id, "backend accepted the session");
-                    continue;
                 }
                 _ => {}
             }

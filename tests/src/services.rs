@@ -45,8 +45,9 @@ pub async fn reply_after_eof(reply_seed: u64, reply_len: u64) -> SocketAddr {
     addr
 }
 
-/// A generic WebSocket server (not backhaul's backend): it first sends the request path and query
-/// it saw as a text message, then echoes text and binary messages, with a few commands:
+/// A generic WebSocket server (not backhaul's backend): it picks the last subprotocol offered, first
+/// sends the request path and query it saw as a text message, then echoes text and binary
+/// messages, with a few commands:
 /// - text `ping-me`: it sends a Ping with payload `srv`;
 /// - any Ping it receives: it reports `ping-seen:<payload>` as text;
 /// - text `close-me`: it closes with code 4000 and reason `bye`.
@@ -64,8 +65,18 @@ pub async fn websocket_echo() -> SocketAddr {
         while let Ok((s, _)) = l.accept().await {
             tokio::spawn(async move {
                 let mut path = String::new();
-                let cb = |req: &Request, resp: Response| {
+                let cb = |req: &Request, mut resp: Response| {
                     path = req.uri().to_string();
+                    // Choose the last subprotocol offered, so a test can tell it was ours.
+                    let last = req
+                        .headers()
+                        .get("Sec-WebSocket-Protocol")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.split(',').map(str::trim).next_back())
+                        .and_then(|p| p.parse().ok());
+                    if let Some(v) = last {
+                        resp.headers_mut().insert("Sec-WebSocket-Protocol", v);
+                    }
                     Ok(resp)
                 };
                 let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {

@@ -415,3 +415,73 @@ async fn bad_command_lines_get_a_clear_error_and_exit_64() {
         assert!(!stderr.contains("panicked"), "{prog} panicked: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subprotocols_are_negotiated_with_the_backend() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let ws_server = services::websocket_echo().await;
+    let relay = Program::listening("backhaul-relay", &[s("--listen"), s("127.0.0.1:0")], &[]).await;
+    let mut agents = Vec::new();
+    for (id, backend) in [
+        ("proto", format!("ws://{ws_server}")),
+        ("down", format!("ws://{}", closed_port())),
+    ] {
+        let mut agent = Program::spawn(
+            "backhaul-agent",
+            &[
+                s("--relay"),
+                format!("http://{}", relay.addr()),
+                s("--backend-id"),
+                s(id),
+                s("--backend"),
+                backend,
+            ],
+            &[],
+        );
+        agent.wait_line("connected to relay").await;
+        agents.push(agent);
+    }
+    let request = |id: &str| {
+        let mut req = format!("ws://{}/b/{id}/p", relay.addr())
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "chat.v1, chat.v2".parse().unwrap(),
+        );
+        req
+    };
+    // The backend picks chat.v2; the client must be told so in the upgrade.
+    let (mut ws, resp) = step(
+        "ws connect",
+        tokio_tungstenite::connect_async(request("proto")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        resp.headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|v| v.to_str().ok()),
+        Some("chat.v2")
+    );
+    let first = step("first message", ws.next())
+        .await
+        .expect("a message")
+        .unwrap();
+    assert_eq!(first, Message::Text("/p".into()));
+    // An unreachable backend: the client gets an HTTP error with the reason, not a hang.
+    match step(
+        "ws connect",
+        tokio_tungstenite::connect_async(request("down")),
+    )
+    .await
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 502);
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
+            assert!(body.contains("could not reach backend"), "body: {body}");
+        }
+        other => panic!("expected HTTP 502, got {:?}", other.map(|_| ())),
+    }
+}

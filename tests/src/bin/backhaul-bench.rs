@@ -131,6 +131,38 @@ async fn rtts(addr: SocketAddr, count: usize) -> Vec<f64> {
     out
 }
 
+/// Opens `count` connections one after another, each timed from connect to its first echoed
+/// byte; returns sorted durations in microseconds and the sessions per second achieved.
+async fn setups(addr: SocketAddr, count: usize) -> (Vec<f64>, f64) {
+    let start = Instant::now();
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let _ = s.set_nodelay(true);
+        s.write_all(b"e!").await.expect("write");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.expect("first echoed byte");
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let rate = count as f64 / start.elapsed().as_secs_f64();
+    out.sort_by(|a, b| a.total_cmp(b));
+    (out, rate)
+}
+
+/// Opens `count` sessions and keeps them open and idle (each proven live by one echo).
+async fn idle_sessions(addr: SocketAddr, count: usize) -> Vec<TcpStream> {
+    let mut open = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"e!").await.expect("write");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.expect("echo");
+        open.push(s);
+    }
+    open
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -168,6 +200,8 @@ async fn main() {
     let gib: f64 = arg("--gib").and_then(|v| v.parse().ok()).unwrap_or(1.0);
     let count: usize = arg("--rtts").and_then(|v| v.parse().ok()).unwrap_or(5000);
     let json_path = arg("--json");
+    let idle: usize = arg("--idle").and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let setup_count: usize = arg("--setups").and_then(|v| v.parse().ok()).unwrap_or(500);
     let bytes = (gib * (1u64 << 30) as f64) as u64;
 
     let service = bench_service().await;
@@ -185,6 +219,7 @@ async fn main() {
     let entry = stack.entry();
 
     let mut rows = Vec::new();
+    let mut setup_rows = Vec::new();
     let mut json = serde_like::Obj::default();
     for (label, addr) in [("direct TCP", service), ("backhaul", entry)] {
         let cpu0: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
@@ -198,7 +233,15 @@ async fn main() {
         rows.push(format!(
             "{label:<11} | {up_mb:>9.0} MB/s | {down_mb:>9.0} MB/s | {p50:>7.1} us | {p99:>7.1} us | {p999:>7.1} us"
         ));
+        let (setup, rate) = setups(addr, setup_count).await;
+        let (s50, s99) = (pct(&setup, 0.5), pct(&setup, 0.99));
+        setup_rows.push(format!(
+            "{label:<11} | {s50:>9.0} us | {s99:>9.0} us | {rate:>8.0} /s"
+        ));
         let mut o = serde_like::Obj::default();
+        o.num("setup_p50_us", s50);
+        o.num("setup_p99_us", s99);
+        o.num("sessions_per_s_sequential", rate);
         o.num("upload_MBps", up_mb);
         o.num("download_MBps", down_mb);
         o.num("rtt_p50_us", p50);
@@ -221,6 +264,38 @@ async fn main() {
     for r in &rows {
         println!("{r}");
     }
+    println!(
+        "\nconnection set-up (connect to first echoed byte), {setup_count} sequential connections"
+    );
+    println!("path        |   set-up p50 |   set-up p99 |  sessions");
+    for r in &setup_rows {
+        println!("{r}");
+    }
+
+    // Idle sessions: resident memory of each process before and after opening them.
+    let names = ["frontend", "relay", "agent", "backend"];
+    let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let held = idle_sessions(entry, idle).await;
+    let after: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let mut idle_obj = serde_like::Obj::default();
+    let mut total = 0.0;
+    println!("\n{idle} idle sessions held open: resident memory");
+    for (i, name) in names.iter().enumerate() {
+        let per = (after[i] as f64 - before[i] as f64) / idle as f64;
+        total += per;
+        println!(
+            "{name:<9} {:>8} KiB -> {:>8} KiB  ({per:.1} KiB per session)",
+            before[i], after[i]
+        );
+        idle_obj.num(&format!("rss_kib_{name}"), after[i] as f64);
+        idle_obj.num(&format!("kib_per_session_{name}"), per);
+    }
+    println!("all four: {total:.1} KiB per session");
+    idle_obj.num("kib_per_session_total", total);
+    idle_obj.num("sessions", idle as f64);
+    json.obj("idle_sessions", idle_obj);
+    drop(held);
+
     println!("\nJSON: {}", json.render());
     if let Some(p) = json_path {
         std::fs::write(&p, json.render() + "\n").expect("write JSON");
