@@ -149,16 +149,8 @@ impl Link {
                 PollOutcome::Progress => backoff.reset(),
                 PollOutcome::LinkGone(why) => return why,
                 PollOutcome::Failed(why) => {
-                    if backoff.attempts() == 0 {
-                        debug!("poll failed ({why}); retrying at once");
-                        backoff.next_delay();
-                    } else {
-                        let d = backoff.next_delay();
-                        warn!("poll to relay failed ({why}); retrying in {d:?}");
-                        tokio::select! {
-                            _ = tokio::time::sleep(d) => {}
-                            _ = self.done.cancelled() => return "shutting down".into(),
-                        }
+                    if !self.pause_after_failure(&mut backoff, "poll", &why).await {
+                        return "shutting down".into();
                     }
                 }
             }
@@ -292,19 +284,27 @@ impl Link {
                 PollOutcome::Progress => backoff.reset(),
                 PollOutcome::LinkGone(why) => return why,
                 PollOutcome::Failed(why) => {
-                    if backoff.attempts() == 0 {
-                        debug!("push failed ({why}); retrying at once");
-                        backoff.next_delay();
-                    } else {
-                        let d = backoff.next_delay();
-                        warn!("push to relay failed ({why}); retrying in {d:?}");
-                        tokio::select! {
-                            _ = tokio::time::sleep(d) => {}
-                            _ = self.done.cancelled() => return "shutting down".into(),
-                        }
+                    if !self.pause_after_failure(&mut backoff, "push", &why).await {
+                        return "shutting down".into();
                     }
                 }
             }
+        }
+    }
+
+    /// After a failed poll or push: the first retry goes at once (a proxy cutting a connection
+    /// is routine), later ones wait with jittered backoff. False if the link ended meanwhile.
+    async fn pause_after_failure(&self, backoff: &mut Backoff, what: &str, why: &str) -> bool {
+        if backoff.attempts() == 0 {
+            debug!("{what} failed ({why}); retrying at once");
+            backoff.next_delay();
+            return true;
+        }
+        let d = backoff.next_delay();
+        warn!("{what} to relay failed ({why}); retrying in {d:?}");
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.done.cancelled() => false,
         }
     }
 

@@ -44,18 +44,10 @@ pub async fn run(
             p = limit.clone().acquire_owned() => p?,
             _ = shutdown.cancelled() => break,
         };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("accept failed: {e}; retrying in 100 ms (check the open-files limit)");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
+        let Some((stream, peer)) = backhaul_common::listen::accept(&listener, &shutdown).await
+        else {
+            break;
         };
-        let _ = stream.set_nodelay(true);
         let config = config.clone();
         let span = tracing::info_span!("session", client.addr = %peer);
         tracker.spawn(

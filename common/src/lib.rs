@@ -8,6 +8,7 @@
 //! | [`api`]     | the agent API's paths, hello messages and backend-id rules                     |
 //! | [`bridge`]  | one TCP connection <-> one WebSocket, with the half-close convention          |
 //! | [`dial`]    | opening a WebSocket to a `ws://`/`wss://` URL, optionally via an HTTP proxy   |
+//! | [`listen`]  | accepting TCP connections, with back-off when accept fails                   |
 //! | [`tls`]     | loading certificates and keys into rustls configurations                      |
 //! | [`backoff`] | jittered exponential backoff for reconnect loops                              |
 //! | [`telemetry`] | tracing set-up, the stdout "ready" lines, shutdown signals                   |
@@ -20,6 +21,7 @@ pub mod api;
 pub mod backoff;
 pub mod bridge;
 pub mod dial;
+pub mod listen;
 pub mod reliable;
 pub mod session;
 pub mod telemetry;

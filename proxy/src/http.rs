@@ -64,6 +64,15 @@ fn hub_error(e: HubError) -> Response<Body> {
     text(status, e.to_string())
 }
 
+/// The answer to a failed poll or push; a protocol error also ends the agent's link.
+fn link_error(hub: &Hub, link: &Arc<crate::hub::Link>, e: HubError) -> Response<Body> {
+    if matches!(e, HubError::Protocol { .. }) {
+        warn!("{e}");
+        hub.kill_link(link, 1011, "the agent broke the protocol");
+    }
+    hub_error(e)
+}
+
 /// Routes one request.
 pub async fn handle(
     ctx: Arc<Ctx>,
@@ -172,13 +181,7 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
             };
             match hub.poll(&link, ack).await {
                 Ok(body) => batch(body),
-                Err(e) => {
-                    if matches!(e, HubError::Protocol { .. }) {
-                        warn!("{e}");
-                        hub.kill_link(&link, 1011, "the agent broke the protocol");
-                    }
-                    hub_error(e)
-                }
+                Err(e) => link_error(hub, &link, e),
             }
         }
         (Method::POST, id, "push") if !id.is_empty() => {
@@ -189,13 +192,7 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
             let limit = hub.cfg.max_batch_bytes * 2 + 64 * 1024;
             match push(hub, &link, req, limit).await {
                 Ok(body) => batch(body),
-                Err(e) => {
-                    if matches!(e, HubError::Protocol { .. }) {
-                        warn!("{e}");
-                        hub.kill_link(&link, 1011, "the agent broke the protocol");
-                    }
-                    hub_error(e)
-                }
+                Err(e) => link_error(hub, &link, e),
             }
         }
         (Method::DELETE, id, "") if !id.is_empty() => match hub.enter(id) {

@@ -76,19 +76,10 @@ pub async fn run(
     let builder = Arc::new(builder);
 
     loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Usually fd exhaustion; back off instead of spinning.
-                    warn!("accept failed: {e}; retrying in 100 ms (check the open-files limit)");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
+        let Some((stream, peer)) = backhaul_common::listen::accept(&listener, &shutdown).await
+        else {
+            break;
         };
-        let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let builder = builder.clone();
         let tls = tls.clone();
