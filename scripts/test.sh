@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Runs every test of backhaul: unit tests and the end-to-end tests that start the four real
-# programs. Installs what the tests need (tinyproxy, the forward proxy the agent must go through)
-# when it is missing. Extra arguments go to `cargo test` (e.g. a test name filter). Ends with a
-# line "tests: N passed, N failed", also saved in target/test-summary.txt.
+# programs. Installs what the tests need (tinyproxy and openssl) when it is missing. Extra
+# arguments go to `cargo test` (e.g. a test name filter). Ends with a line
+# "tests: N passed, N failed", also saved in target/test-summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x /usr/bin/tinyproxy ] && [ ! -x /usr/sbin/tinyproxy ]; then
-    echo "test.sh: installing tinyproxy (the forward-proxy test needs it)"
+# tinyproxy: the forward proxy the agent must go through; openssl: test certificates.
+missing=()
+[ -x /usr/bin/tinyproxy ] || [ -x /usr/sbin/tinyproxy ] || missing+=(tinyproxy)
+command -v openssl >/dev/null || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "test.sh: installing ${missing[*]} (the end-to-end tests need them)"
     sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq tinyproxy >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # The end-to-end tests run the binaries from target/, so build them first.

@@ -485,3 +485,163 @@ async fn subprotocols_are_negotiated_with_the_backend() {
         other => panic!("expected HTTP 502, got {:?}", other.map(|_| ())),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_relay_with_a_private_ca() {
+    // A private CA and a certificate for localhost signed by it; agent and frontend trust the
+    // CA through --ca-cert.
+    let dir = backhaul_tests::scratch_dir("tls");
+    let (ca, ca_key, csr) = (dir.join("ca.pem"), dir.join("ca.key"), dir.join("leaf.csr"));
+    let (cert, key, ext) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("leaf.ext"),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .await
+            .expect("openssl is needed to make test certificates");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |path: &std::path::PathBuf| path.display().to_string();
+    openssl(vec![
+        s("req"),
+        s("-x509"),
+        s("-newkey"),
+        s("rsa:2048"),
+        s("-nodes"),
+        s("-days"),
+        s("2"),
+        s("-subj"),
+        s("/CN=backhaul test CA"),
+        s("-keyout"),
+        p(&ca_key),
+        s("-out"),
+        p(&ca),
+    ])
+    .await;
+    openssl(vec![
+        s("req"),
+        s("-newkey"),
+        s("rsa:2048"),
+        s("-nodes"),
+        s("-subj"),
+        s("/CN=localhost"),
+        s("-keyout"),
+        p(&key),
+        s("-out"),
+        p(&csr),
+    ])
+    .await;
+    openssl(vec![
+        s("x509"),
+        s("-req"),
+        s("-in"),
+        p(&csr),
+        s("-CA"),
+        p(&ca),
+        s("-CAkey"),
+        p(&ca_key),
+        s("-CAcreateserial"),
+        s("-days"),
+        s("2"),
+        s("-extfile"),
+        p(&ext),
+        s("-out"),
+        p(&cert),
+    ])
+    .await;
+
+    let echo = services::echo().await;
+    let backend = Program::listening(
+        "backhaul-backend",
+        &[s("--listen"), s("127.0.0.1:0"), s("--target"), s(echo)],
+        &[],
+    )
+    .await;
+    let relay = Program::listening(
+        "backhaul-relay",
+        &[
+            s("--listen"),
+            s("127.0.0.1:0"),
+            s("--tls-cert"),
+            s(cert.display()),
+            s("--tls-key"),
+            s(key.display()),
+        ],
+        &[],
+    )
+    .await;
+    let relay_url = format!("https://localhost:{}", relay.addr().port());
+    let mut agent = Program::spawn(
+        "backhaul-agent",
+        &[
+            s("--relay"),
+            relay_url.clone(),
+            s("--backend-id"),
+            s("tls"),
+            s("--backend"),
+            format!("ws://{}", backend.addr()),
+            s("--ca-cert"),
+            s(ca.display()),
+        ],
+        &[],
+    );
+    agent.wait_line("connected to relay").await;
+    let frontend = Program::listening(
+        "backhaul-frontend",
+        &[
+            s("--listen"),
+            s("127.0.0.1:0"),
+            s("--relay"),
+            relay_url,
+            s("--backend-id"),
+            s("tls"),
+            s("--ca-cert"),
+            s(ca.display()),
+        ],
+        &[],
+    )
+    .await;
+    echo_transfer(frontend.addr(), 77, 8 * MIB).await;
+
+    // Without the CA the frontend refuses the relay's certificate and says so.
+    let untrusting = Program::listening(
+        "backhaul-frontend",
+        &[
+            s("--listen"),
+            s("127.0.0.1:0"),
+            s("--relay"),
+            format!("https://localhost:{}", relay.addr().port()),
+            s("--backend-id"),
+            s("tls"),
+        ],
+        &[],
+    )
+    .await;
+    let mut c = step("connect", TcpStream::connect(untrusting.addr()))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut buf)).await;
+    assert!(
+        r.is_ok(),
+        "client kept waiting although TLS with the relay failed"
+    );
+    let log = untrusting.stderr();
+    assert!(
+        log.contains("TLS"),
+        "the frontend should say TLS failed:\n{log}"
+    );
+}
