@@ -258,31 +258,12 @@ impl Stack {
         } else {
             opts.backend_id.clone()
         };
-        let backend = Program::listening(
-            "backhaul-backend",
-            &[s("--listen"), s("127.0.0.1:0"), s("--target"), s(target)],
-            env,
-        )
-        .await;
-        let mut relay_args = vec![s("--listen"), s("127.0.0.1:0")];
-        relay_args.extend(opts.relay_args.iter().cloned());
-        let relay = Program::listening("backhaul-relay", &relay_args, env).await;
+        let backend = backend(target, env).await;
+        let relay = relay(&opts.relay_args, env).await;
         let mut agent_opts = opts.clone();
         agent_opts.agent_env.extend(env.iter().cloned());
         let agent = start_agent(&agent_opts, &relay, &backend, &backend_id).await;
-        let frontend = Program::listening(
-            "backhaul-frontend",
-            &[
-                s("--listen"),
-                s("127.0.0.1:0"),
-                s("--relay"),
-                format!("http://{}", relay.addr()),
-                s("--backend-id"),
-                backend_id.clone(),
-            ],
-            env,
-        )
-        .await;
+        let frontend = frontend(&format!("http://{}", relay.addr()), &backend_id, &[], env).await;
         Stack {
             target,
             backend,
@@ -320,20 +301,72 @@ async fn start_agent(
         .agent_relay_url
         .clone()
         .unwrap_or_else(|| format!("http://{}", relay.addr()));
-    let mut agent = Program::spawn(
-        "backhaul-agent",
-        &[
-            s("--relay"),
-            relay_url,
-            s("--backend-id"),
-            s(backend_id),
-            s("--backend"),
-            format!("ws://{}", backend.addr()),
-        ],
+    agent(
+        &relay_url,
+        backend_id,
+        &format!("ws://{}", backend.addr()),
+        &[],
         &opts.agent_env,
-    );
+    )
+    .await
+}
+
+/// Starts a relay on 127.0.0.1:0 with extra arguments.
+pub async fn relay(extra: &[String], env: &[(String, String)]) -> Program {
+    let mut args = vec![s("--listen"), s("127.0.0.1:0")];
+    args.extend(extra.iter().cloned());
+    Program::listening("backhaul-relay", &args, env).await
+}
+
+/// Starts a backend on 127.0.0.1:0 in front of `target`.
+pub async fn backend(target: SocketAddr, env: &[(String, String)]) -> Program {
+    Program::listening(
+        "backhaul-backend",
+        &[s("--listen"), s("127.0.0.1:0"), s("--target"), s(target)],
+        env,
+    )
+    .await
+}
+
+/// Starts an agent for `backend_id` and waits until it has registered with the relay.
+pub async fn agent(
+    relay_url: &str,
+    backend_id: &str,
+    backend_url: &str,
+    extra: &[String],
+    env: &[(String, String)],
+) -> Program {
+    let mut args = vec![
+        s("--relay"),
+        s(relay_url),
+        s("--backend-id"),
+        s(backend_id),
+        s("--backend"),
+        s(backend_url),
+    ];
+    args.extend(extra.iter().cloned());
+    let mut agent = Program::spawn("backhaul-agent", &args, env);
     agent.wait_line("connected to relay").await;
     agent
+}
+
+/// Starts a frontend on 127.0.0.1:0 for `backend_id` at `relay_url`.
+pub async fn frontend(
+    relay_url: &str,
+    backend_id: &str,
+    extra: &[String],
+    env: &[(String, String)],
+) -> Program {
+    let mut args = vec![
+        s("--listen"),
+        s("127.0.0.1:0"),
+        s("--relay"),
+        s(relay_url),
+        s("--backend-id"),
+        s(backend_id),
+    ];
+    args.extend(extra.iter().cloned());
+    Program::listening("backhaul-frontend", &args, env).await
 }
 
 /// A port on 127.0.0.1 that nothing listens on (bound, then released).

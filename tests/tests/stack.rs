@@ -2,7 +2,10 @@
 
 use backhaul_tests::fault::FaultInjector;
 use backhaul_tests::forward_proxy::ForwardProxy;
-use backhaul_tests::{closed_port, data, s, services, Program, Stack, StackOptions, STEP_TIMEOUT};
+use backhaul_tests::{
+    agent, backend, closed_port, data, frontend, relay, s, services, Stack, StackOptions,
+    STEP_TIMEOUT,
+};
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -125,20 +128,8 @@ async fn target_refusing_closes_the_client_promptly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_agent_for_the_backend_id() {
-    let relay = Program::listening("backhaul-relay", &[s("--listen"), s("127.0.0.1:0")], &[]).await;
-    let frontend = Program::listening(
-        "backhaul-frontend",
-        &[
-            s("--listen"),
-            s("127.0.0.1:0"),
-            s("--relay"),
-            format!("http://{}", relay.addr()),
-            s("--backend-id"),
-            s("nobody"),
-        ],
-        &[],
-    )
-    .await;
+    let relay = relay(&[], &[]).await;
+    let frontend = frontend(&format!("http://{}", relay.addr()), "nobody", &[], &[]).await;
     // A WebSocket client gets a clear HTTP error, not a hang.
     let url = format!("ws://{}/b/nobody", relay.addr());
     match step("ws connect", tokio_tungstenite::connect_async(url)).await {
@@ -180,40 +171,18 @@ async fn cut_http_connections_lose_nothing() {
     // The agent reaches the relay through an injector that resets every connection after
     // 32-256 KiB, in the middle of polls and pushes.
     let echo = services::echo().await;
-    let relay = Program::listening("backhaul-relay", &[s("--listen"), s("127.0.0.1:0")], &[]).await;
+    let relay = relay(&[], &[]).await;
     let injector = FaultInjector::start(relay.addr(), 32 * 1024, 256 * 1024).await;
-    let backend = Program::listening(
-        "backhaul-backend",
-        &[s("--listen"), s("127.0.0.1:0"), s("--target"), s(echo)],
+    let backend = backend(echo, &[]).await;
+    let _agent = agent(
+        &format!("http://{}", injector.addr),
+        "cut",
+        &format!("ws://{}", backend.addr()),
+        &[],
         &[],
     )
     .await;
-    let mut agent = Program::spawn(
-        "backhaul-agent",
-        &[
-            s("--relay"),
-            format!("http://{}", injector.addr),
-            s("--backend-id"),
-            s("cut"),
-            s("--backend"),
-            format!("ws://{}", backend.addr()),
-        ],
-        &[],
-    );
-    agent.wait_line("connected to relay").await;
-    let frontend = Program::listening(
-        "backhaul-frontend",
-        &[
-            s("--listen"),
-            s("127.0.0.1:0"),
-            s("--relay"),
-            format!("http://{}", relay.addr()),
-            s("--backend-id"),
-            s("cut"),
-        ],
-        &[],
-    )
-    .await;
+    let frontend = frontend(&format!("http://{}", relay.addr()), "cut", &[], &[]).await;
     echo_transfer(frontend.addr(), 99, 64 * MIB).await;
     assert!(
         injector.cuts() > 10,
@@ -255,20 +224,15 @@ async fn agent_through_a_forward_proxy_that_refuses_connect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generic_websocket_traffic_is_carried_faithfully() {
     let ws_server = services::websocket_echo().await;
-    let relay = Program::listening("backhaul-relay", &[s("--listen"), s("127.0.0.1:0")], &[]).await;
-    let mut agent = Program::spawn(
-        "backhaul-agent",
-        &[
-            s("--relay"),
-            format!("http://{}", relay.addr()),
-            s("--backend-id"),
-            s("ws"),
-            s("--backend"),
-            format!("ws://{ws_server}/base"),
-        ],
+    let relay = relay(&[], &[]).await;
+    let _agent = agent(
+        &format!("http://{}", relay.addr()),
+        "ws",
+        &format!("ws://{ws_server}/base"),
         &[],
-    );
-    agent.wait_line("connected to relay").await;
+        &[],
+    )
+    .await;
     let url = format!("ws://{}/b/ws/some/path?x=1&y=2", relay.addr());
     let (mut ws, _) = step("ws connect", tokio_tungstenite::connect_async(url))
         .await
@@ -420,26 +384,14 @@ async fn bad_command_lines_get_a_clear_error_and_exit_64() {
 async fn subprotocols_are_negotiated_with_the_backend() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let ws_server = services::websocket_echo().await;
-    let relay = Program::listening("backhaul-relay", &[s("--listen"), s("127.0.0.1:0")], &[]).await;
+    let relay = relay(&[], &[]).await;
     let mut agents = Vec::new();
     for (id, backend) in [
         ("proto", format!("ws://{ws_server}")),
         ("down", format!("ws://{}", closed_port())),
     ] {
-        let mut agent = Program::spawn(
-            "backhaul-agent",
-            &[
-                s("--relay"),
-                format!("http://{}", relay.addr()),
-                s("--backend-id"),
-                s(id),
-                s("--backend"),
-                backend,
-            ],
-            &[],
-        );
-        agent.wait_line("connected to relay").await;
-        agents.push(agent);
+        let registered = agent(&format!("http://{}", relay.addr()), id, &backend, &[], &[]).await;
+        agents.push(registered);
     }
     let request = |id: &str| {
         let mut req = format!("ws://{}/b/{id}/p", relay.addr())
@@ -564,17 +516,9 @@ async fn https_relay_with_a_private_ca() {
     .await;
 
     let echo = services::echo().await;
-    let backend = Program::listening(
-        "backhaul-backend",
-        &[s("--listen"), s("127.0.0.1:0"), s("--target"), s(echo)],
-        &[],
-    )
-    .await;
-    let relay = Program::listening(
-        "backhaul-relay",
+    let backend = backend(echo, &[]).await;
+    let relay = relay(
         &[
-            s("--listen"),
-            s("127.0.0.1:0"),
             s("--tls-cert"),
             s(cert.display()),
             s("--tls-key"),
@@ -584,49 +528,22 @@ async fn https_relay_with_a_private_ca() {
     )
     .await;
     let relay_url = format!("https://localhost:{}", relay.addr().port());
-    let mut agent = Program::spawn(
-        "backhaul-agent",
-        &[
-            s("--relay"),
-            relay_url.clone(),
-            s("--backend-id"),
-            s("tls"),
-            s("--backend"),
-            format!("ws://{}", backend.addr()),
-            s("--ca-cert"),
-            s(ca.display()),
-        ],
-        &[],
-    );
-    agent.wait_line("connected to relay").await;
-    let frontend = Program::listening(
-        "backhaul-frontend",
-        &[
-            s("--listen"),
-            s("127.0.0.1:0"),
-            s("--relay"),
-            relay_url,
-            s("--backend-id"),
-            s("tls"),
-            s("--ca-cert"),
-            s(ca.display()),
-        ],
+    let _agent = agent(
+        &relay_url,
+        "tls",
+        &format!("ws://{}", backend.addr()),
+        &[s("--ca-cert"), s(ca.display())],
         &[],
     )
     .await;
-    echo_transfer(frontend.addr(), 77, 8 * MIB).await;
+    let trusting = frontend(&relay_url, "tls", &[s("--ca-cert"), s(ca.display())], &[]).await;
+    echo_transfer(trusting.addr(), 77, 8 * MIB).await;
 
     // Without the CA the frontend refuses the relay's certificate and says so.
-    let untrusting = Program::listening(
-        "backhaul-frontend",
-        &[
-            s("--listen"),
-            s("127.0.0.1:0"),
-            s("--relay"),
-            format!("https://localhost:{}", relay.addr().port()),
-            s("--backend-id"),
-            s("tls"),
-        ],
+    let untrusting = frontend(
+        &format!("https://localhost:{}", relay.addr().port()),
+        "tls",
+        &[],
         &[],
     )
     .await;
