@@ -171,7 +171,7 @@ impl Program {
 
     /// Kills the program at once (SIGKILL) and waits for it.
     pub async fn kill(&mut self) {
-        let _ = self.child.kill().await;
+        let _ = tokio::time::timeout(STEP_TIMEOUT, self.child.kill()).await;
     }
 
     /// The process ID, while it runs.

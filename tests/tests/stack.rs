@@ -87,7 +87,9 @@ async fn half_close_still_gets_the_whole_reply() {
         .unwrap();
     let (mut r, mut w) = c.into_split();
     // Send a request and shut down our sending side, as `nc -N` or an HTTP/1.0 client does.
-    let sent_hash = data::send(&mut w, 3, 200_000).await.unwrap();
+    let sent_hash = step("send request", data::send(&mut w, 3, 200_000))
+        .await
+        .unwrap();
     let mut hash = [0u8; 64];
     step("service's hash of our request", r.read_exact(&mut hash))
         .await
@@ -245,7 +247,9 @@ async fn generic_websocket_traffic_is_carried_faithfully() {
 
     ws.send(Message::Text("h\u{e9}llo".into())).await.unwrap();
     let big = bytes::Bytes::from(data::bytes(3, 3 * 1024 * 1024 + 17));
-    ws.send(Message::Binary(big.clone())).await.unwrap();
+    step("send 3 MiB", ws.send(Message::Binary(big.clone())))
+        .await
+        .unwrap();
     ws.send(Message::Binary(bytes::Bytes::new())).await.unwrap();
     ws.send(Message::Ping(bytes::Bytes::from_static(b"cli")))
         .await
