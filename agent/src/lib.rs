@@ -1,12 +1,15 @@
-//! backhaul-agent: runs inside the private network. It reaches the relay only with ordinary
-//! outbound HTTP/1.1 requests (a long-poll GET and a POST, no CONNECT, no Upgrade), so it passes
-//! strict forward proxies; for each session the relay hands it, it dials the backend's WebSocket.
+//! backhaul-agent: runs inside the private network and only ever connects out to the relay. It
+//! uses the fastest transport the path allows (a WebSocket, else an HTTP/2 stream, else ordinary
+//! HTTP/1.1 long-poll GET and POST requests that pass the strictest forward proxies); for each
+//! session the relay hands it, it dials the backend's WebSocket.
 //!
-//! - [`link`]: one registration with the relay, its poll and push loops and its sessions
-//!   (each session dials the backend's WebSocket with `common::dial`).
+//! - [`transport`]: the transports and the order `--transport auto` tries them in;
+//! - [`link`]: one registration with the relay, the transport loops that carry its frames, and
+//!   its sessions (each session dials the backend's WebSocket with `common::dial`).
 #![forbid(unsafe_code)]
 
 pub mod link;
+pub mod transport;
 
 use anyhow::Context;
 use backhaul_common::api::{Hello, LinkInfo, LINKS_PATH, PROTOCOL_VERSION};
@@ -34,6 +37,8 @@ pub struct Config {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub max_sessions: usize,
     pub connect_timeout: Duration,
+    /// Which transport(s) to use towards the relay.
+    pub transport: transport::TransportChoice,
 }
 
 impl Config {
@@ -59,32 +64,62 @@ impl Config {
     }
 }
 
-/// Builds the HTTP client used for the relay: HTTP/1.1, honouring HTTP(S)_PROXY and NO_PROXY.
-pub fn http_client(cfg: &Config) -> anyhow::Result<reqwest::Client> {
-    let mut tls = match &cfg.tls {
+/// The HTTP clients for the relay, both honouring HTTP(S)_PROXY and NO_PROXY.
+#[derive(Clone)]
+pub struct Clients {
+    /// HTTP/1.1: registration, long-poll.
+    pub h1: reqwest::Client,
+    /// HTTP/2 only (ALPN `h2`, or prior knowledge for `http://`): the http2 transport.
+    pub h2: reqwest::Client,
+}
+
+/// Builds the relay clients.
+pub fn http_clients(cfg: &Config) -> anyhow::Result<Clients> {
+    let tls = match &cfg.tls {
         Some(t) => (**t).clone(),
         None => backhaul_common::tls::client_config(None)
             .context("could not set up TLS for the relay connection")?
             .as_ref()
             .clone(),
     };
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    reqwest::Client::builder()
+    let base = || {
+        reqwest::Client::builder()
+            .connect_timeout(RELAY_CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!("backhaul-agent/", env!("CARGO_PKG_VERSION")))
+    };
+    let mut tls1 = tls.clone();
+    tls1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let h1 = base()
         .http1_only()
-        .tls_backend_preconfigured(tls)
-        .connect_timeout(RELAY_CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .pool_idle_timeout(Duration::from_secs(30))
-        .user_agent(concat!("backhaul-agent/", env!("CARGO_PKG_VERSION")))
+        .tls_backend_preconfigured(tls1)
         .build()
-        .context("could not build the HTTP client")
+        .context("could not build the HTTP/1.1 client")?;
+    let mut tls2 = tls;
+    tls2.alpn_protocols = vec![b"h2".to_vec()];
+    let h2 = base()
+        .http2_prior_knowledge()
+        .http2_initial_stream_window_size(Some(H2_STREAM_WINDOW))
+        .http2_initial_connection_window_size(Some(H2_CONNECTION_WINDOW))
+        .http2_max_frame_size(Some(H2_MAX_FRAME))
+        .tls_backend_preconfigured(tls2)
+        .build()
+        .context("could not build the HTTP/2 client")?;
+    Ok(Clients { h1, h2 })
 }
+
+/// HTTP/2 flow-control windows and frame size of the http2 transport: big enough that a whole
+/// batch is in flight without waiting for WINDOW_UPDATEs (the relay uses the same).
+pub const H2_STREAM_WINDOW: u32 = 4 << 20;
+pub const H2_CONNECTION_WINDOW: u32 = 8 << 20;
+pub const H2_MAX_FRAME: u32 = 256 << 10;
 
 /// Registers with the relay and serves sessions until `shutdown`, re-registering whenever the
 /// link is lost.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = Arc::new(config);
-    let client = http_client(&cfg)?;
+    let clients = http_clients(&cfg)?;
     let mut backoff = Backoff::default();
     let host = std::env::var("HOSTNAME").unwrap_or_default();
     let hello = Hello {
@@ -95,7 +130,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .to_string(),
     };
     while !shutdown.is_cancelled() {
-        match register(&cfg, &client, &hello).await {
+        match register(&cfg, &clients.h1, &hello).await {
             Ok(info) => {
                 backoff.reset();
                 backhaul_common::telemetry::announce(&format!(
@@ -105,7 +140,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     cfg.backend_id
                 ));
                 info!(link.id = %info.link, "registered with relay {}", cfg.relay_base());
-                let link = link::Link::new(cfg.clone(), client.clone(), info, &shutdown);
+                let link = link::Link::new(cfg.clone(), &clients, info, &shutdown);
                 let why = link.clone().run().await;
                 if shutdown.is_cancelled() {
                     link.deregister().await;
@@ -181,6 +216,7 @@ mod tests {
             tls: None,
             max_sessions: 1,
             connect_timeout: Duration::from_secs(1),
+            transport: transport::TransportChoice::Auto,
         }
     }
 

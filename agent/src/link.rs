@@ -1,20 +1,26 @@
-//! One registered link to the relay: the long-poll loop that brings frames in, the push loop that
-//! sends frames out, and the sessions they serve. Both loops survive cut HTTP exchanges by
-//! retrying from the last acknowledged sequence number (see `common::reliable`).
+//! One registered link to the relay and the sessions it serves. The link's frames travel over one
+//! of three transports (see [`crate::transport`]): a stream (WebSocket or HTTP/2) that carries
+//! batches both ways, or the long-poll pair of a poll loop that brings frames in and a push loop
+//! that sends them out. Every transport resends from the peer's last ack after a cut, so the
+//! link survives broken connections and changes of transport without loss or duplication (see
+//! `common::reliable`).
 
-use crate::Config;
+use crate::transport::{Transport, QUICK_BREAKS_BEFORE_FALLBACK, RETRY_FASTER_AFTER, STABLE_AFTER};
+use crate::{Clients, Config};
 use backhaul_common::api::{LinkInfo, OpenRequest, Opened};
 use backhaul_common::backoff::Backoff;
 use backhaul_common::dial::{dial, DialOptions, Dialed};
-use backhaul_common::reliable::{Arrival, RecvState, SendBuffer};
+use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor, StreamNext};
 use backhaul_common::session::{new_session, pump, FrameSink, SessionHandle};
-use backhaul_common::wire::{decode_batch, BatchReader, Frame, Kind};
+use backhaul_common::transport::{BatchRx, BatchTx, ChannelTx, ChunkRx, ChunkSource};
+use backhaul_common::wire::{decode_batch, BatchHeader, BatchReader, Frame, Kind};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -30,6 +36,10 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 const MIN_PUSH_BATCH: usize = 16 * 1024;
 /// Largest poll response body accepted, as a multiple of the relay's batch size.
 const MAX_POLL_BODY_FACTOR: usize = 2;
+/// How long an ack with nothing else to send may wait for a batch to ride on (streams).
+const ACK_DELAY: Duration = Duration::from_millis(5);
+/// Longest the relay may take to accept a stream.
+const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -39,6 +49,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Link {
     cfg: Arc<Config>,
     client: reqwest::Client,
+    /// HTTP/2-only client for the http2 transport.
+    client_h2: reqwest::Client,
     info: LinkInfo,
     url: String,
     out: Mutex<SendBuffer>,
@@ -48,6 +60,15 @@ pub struct Link {
     sessions: Mutex<HashMap<u32, Arc<SessionHandle>>>,
     /// Cancelled when the link is over (relay forgot it, or shutdown).
     done: CancellationToken,
+    /// The transport that last carried the link.
+    carrier: Mutex<Option<Transport>>,
+    /// Batch sizes on streams, agent -> relay and relay -> agent. A batch counts only when
+    /// whole, so a path that cuts connections after N bytes needs batches under N: each is
+    /// halved after a break, and grows again with evidence that batches get through (acks for
+    /// ours, see `StreamCursor`; whole batches received for the relay's, which it learns from the
+    /// stream URL).
+    up_batch: std::sync::atomic::AtomicUsize,
+    down_batch: std::sync::atomic::AtomicUsize,
 }
 
 struct Sink(Arc<Link>);
@@ -61,7 +82,7 @@ impl FrameSink for Sink {
 impl Link {
     pub fn new(
         cfg: Arc<Config>,
-        client: reqwest::Client,
+        clients: &Clients,
         info: LinkInfo,
         shutdown: &CancellationToken,
     ) -> Arc<Self> {
@@ -71,9 +92,11 @@ impl Link {
             backhaul_common::api::LINKS_PATH,
             info.link
         );
+        let max_batch = info.max_batch_bytes as usize;
         Arc::new(Self {
             cfg,
-            client,
+            client: clients.h1.clone(),
+            client_h2: clients.h2.clone(),
             info,
             url,
             out: Mutex::new(SendBuffer::new()),
@@ -81,6 +104,9 @@ impl Link {
             down_ack: AtomicU64::new(0),
             sessions: Mutex::new(HashMap::new()),
             done: shutdown.child_token(),
+            carrier: Mutex::new(None),
+            up_batch: std::sync::atomic::AtomicUsize::new(max_batch),
+            down_batch: std::sync::atomic::AtomicUsize::new(max_batch),
         })
     }
 
@@ -96,14 +122,89 @@ impl Link {
         }
     }
 
-    /// Runs the link until the relay forgets it or shutdown; returns why it ended.
+    /// Runs the link until the relay forgets it or shutdown; returns why it ended. Moves between
+    /// transports as `--transport` allows: down the ladder when one is refused or keeps breaking,
+    /// back to the top now and then.
     pub async fn run(self: Arc<Self>) -> String {
         let tracker = TaskTracker::new();
-        let poll = tokio::spawn(self.clone().poll_loop(tracker.clone()));
-        let push = tokio::spawn(self.clone().push_loop());
-        let why = tokio::select! {
-            r = poll => r.unwrap_or_else(|e| format!("poll loop failed: {e}")),
-            r = push => r.unwrap_or_else(|e| format!("push loop failed: {e}")),
+        let mut recv = RecvState::new();
+        let ladder = self.cfg.transport.ladder();
+        let mut rung = 0;
+        let mut quick_breaks = 0;
+        // Why the link is not on the fastest transport, for the log.
+        let mut fell_back: Option<String> = None;
+        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
+        let why = loop {
+            let transport = ladder[rung];
+            let next = ladder.get(rung + 1).copied();
+            let note = match (&fell_back, ladder.len()) {
+                (Some(why), _) => format!("fallback: {why}"),
+                (None, 1) => "forced by --transport".to_string(),
+                (None, _) => "the fastest transport".to_string(),
+            };
+            let spell = match transport {
+                Transport::LongPoll => {
+                    let retry_faster = (rung > 0).then_some(RETRY_FASTER_AFTER);
+                    self.longpoll(&mut recv, &tracker, retry_faster, &note)
+                        .await
+                }
+                Transport::WebSocket | Transport::Http2 => {
+                    self.stream(transport, &mut recv, &tracker, &note).await
+                }
+            };
+            match spell {
+                Spell::LinkGone(why) => break why,
+                Spell::Shutdown => break "shutting down".to_string(),
+                Spell::TryFaster => {
+                    info!("trying faster transports to the relay again");
+                    rung = 0;
+                    quick_breaks = 0;
+                    fell_back = None;
+                }
+                Spell::Refused(why) => match next {
+                    Some(next) => {
+                        warn!("{transport} transport to the relay is not available ({why}); falling back to {next}");
+                        fell_back = Some(format!("{transport} not available: {why}"));
+                        rung += 1;
+                        quick_breaks = 0;
+                    }
+                    None => {
+                        let what = format!("{transport} connection");
+                        if !self.pause_after_failure(&mut backoff, &what, &why).await {
+                            break "shutting down".to_string();
+                        }
+                    }
+                },
+                Spell::Broken {
+                    why,
+                    lasted,
+                    progressed,
+                } => {
+                    if lasted >= STABLE_AFTER {
+                        quick_breaks = 0;
+                    } else {
+                        quick_breaks += 1;
+                    }
+                    if progressed {
+                        // It worked until it broke: reconnect at once.
+                        backoff.reset();
+                    }
+                    match next {
+                        Some(next) if quick_breaks >= QUICK_BREAKS_BEFORE_FALLBACK => {
+                            warn!("{transport} transport to the relay broke {quick_breaks} times within {STABLE_AFTER:?} of connecting (last: {why}); falling back to {next}");
+                            fell_back = Some(format!("{transport} kept breaking: {why}"));
+                            rung += 1;
+                            quick_breaks = 0;
+                        }
+                        _ => {
+                            let what = format!("{transport} stream");
+                            if !self.pause_after_failure(&mut backoff, &what, &why).await {
+                                break "shutting down".to_string();
+                            }
+                        }
+                    }
+                }
+            }
         };
         self.done.cancel();
         let sessions: Vec<(u32, Arc<SessionHandle>)> = lock(&self.sessions).drain().collect();
@@ -120,6 +221,296 @@ impl Link {
         why
     }
 
+    /// Carries the link over long-poll until it ends, or until `retry_faster` has passed.
+    async fn longpoll(
+        self: &Arc<Self>,
+        recv: &mut RecvState,
+        tracker: &TaskTracker,
+        retry_faster: Option<Duration>,
+        note: &str,
+    ) -> Spell {
+        self.announce_transport(Transport::LongPoll, note);
+        let deadline = async {
+            match retry_faster {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            spell = self.poll_loop(recv, tracker) => spell,
+            spell = self.push_loop() => spell,
+            _ = deadline => Spell::TryFaster,
+        }
+    }
+
+    /// Opens a stream on `transport` and carries the link over it until it breaks.
+    async fn stream(
+        self: &Arc<Self>,
+        transport: Transport,
+        recv: &mut RecvState,
+        tracker: &TaskTracker,
+        note: &str,
+    ) -> Spell {
+        let ack = recv.ack();
+        let setup = async {
+            match transport {
+                Transport::WebSocket => match self.connect_ws(ack).await {
+                    Ok((tx, rx)) => Ok(self.drive(transport, tx, rx, recv, tracker, note).await),
+                    Err(spell) => Err(spell),
+                },
+                _ => match self.connect_h2(ack).await {
+                    Ok((tx, rx)) => Ok(self.drive(transport, tx, rx, recv, tracker, note).await),
+                    Err(spell) => Err(spell),
+                },
+            }
+        };
+        tokio::select! {
+            r = setup => r.unwrap_or_else(|spell| spell),
+            _ = self.done.cancelled() => Spell::Shutdown,
+        }
+    }
+
+    fn stream_url(&self, scheme_for_ws: bool, what: &str, ack: u64) -> String {
+        let batch = self.down_batch.load(Ordering::Relaxed);
+        let mut url = format!("{}/{what}?ack={ack}&batch={batch}", self.url);
+        if scheme_for_ws {
+            if let Some(rest) = url.strip_prefix("http") {
+                url = format!("ws{rest}");
+            }
+        }
+        url
+    }
+
+    async fn connect_ws(
+        &self,
+        ack: u64,
+    ) -> Result<
+        (
+            backhaul_common::transport::WsTx<backhaul_common::dial::MaybeTlsStream>,
+            backhaul_common::transport::WsRx<backhaul_common::dial::MaybeTlsStream>,
+        ),
+        Spell,
+    > {
+        let url = self.stream_url(true, "ws", ack);
+        let url =
+            url::Url::parse(&url).map_err(|e| Spell::Refused(format!("bad URL {url}: {e}")))?;
+        let opts = DialOptions {
+            timeout: STREAM_SETUP_TIMEOUT,
+            tls: self.cfg.tls.clone(),
+            use_env_proxy: true,
+            headers: self
+                .cfg
+                .agent_token
+                .as_ref()
+                .map(|t| vec![("Authorization", format!("Bearer {t}"))])
+                .unwrap_or_default(),
+            ws_config: Some(backhaul_common::transport::link_ws_config(
+                self.info.max_batch_bytes as usize,
+            )),
+            ..DialOptions::default()
+        };
+        match dial(&url, &opts).await {
+            Ok(Dialed { ws, .. }) => Ok(backhaul_common::transport::ws_halves(ws)),
+            Err(backhaul_common::dial::DialError::Http { status: 404, .. }) => {
+                Err(Spell::LinkGone(LINK_GONE.into()))
+            }
+            Err(e) => Err(Spell::Refused(e.to_string())),
+        }
+    }
+
+    async fn connect_h2(&self, ack: u64) -> Result<(ChannelTx, ChunkRx<ResponseChunks>), Spell> {
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+        });
+        let req = self.request(
+            self.client_h2
+                .post(self.stream_url(false, "stream", ack))
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    backhaul_common::api::BATCH_STREAM_CONTENT_TYPE,
+                )
+                .body(reqwest::Body::wrap_stream(body)),
+        );
+        let resp = match tokio::time::timeout(STREAM_SETUP_TIMEOUT, req.send()).await {
+            Err(_) => {
+                return Err(Spell::Refused(format!(
+                    "no answer within {STREAM_SETUP_TIMEOUT:?}"
+                )))
+            }
+            Ok(Err(e)) => return Err(Spell::Refused(describe(&e))),
+            Ok(Ok(r)) => r,
+        };
+        if let Some(PollOutcome::LinkGone(why)) = link_gone(&resp) {
+            return Err(Spell::LinkGone(why));
+        }
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(Spell::Refused(format!(
+                "relay answered {status}: {}",
+                body.trim()
+            )));
+        }
+        let max_batch = self.info.max_batch_bytes as usize;
+        Ok((ChannelTx(tx), ChunkRx::new(ResponseChunks(resp), max_batch)))
+    }
+
+    /// Carries the link over an open stream: one task half reads the relay's batches and hands
+    /// their frames on, the other sends ours, each frame once, until the stream breaks.
+    async fn drive<T: BatchTx, R: BatchRx>(
+        self: &Arc<Self>,
+        transport: Transport,
+        mut tx: T,
+        mut rx: R,
+        recv: &mut RecvState,
+        tracker: &TaskTracker,
+        note: &str,
+    ) -> Spell {
+        let started = Instant::now();
+        self.announce_transport(transport, note);
+        let progressed = std::sync::atomic::AtomicBool::new(false);
+        let hold = Duration::from_millis(self.info.poll_hold_ms);
+        let silence = hold + POLL_GRACE;
+        let (start_tx, start_rx) = oneshot::channel::<u64>();
+        let reader = async {
+            let mut start_tx = Some(start_tx);
+            loop {
+                let batch = match tokio::time::timeout(silence, rx.recv()).await {
+                    Err(_) => return Err(format!("no word from the relay in {silence:?}")),
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Ok(Ok(None)) => return Err("the relay ended the stream".to_string()),
+                    Ok(Ok(Some(b))) => b,
+                };
+                let header = match self.absorb(&batch, recv, tracker) {
+                    Ok(h) => h,
+                    Err(why) => return Ok(Spell::LinkGone(why)),
+                };
+                if let Some(start) = start_tx.take() {
+                    // The relay's first batch says where its receiving stands: resume from there.
+                    let _ = start.send(header.ack);
+                    progressed.store(true, Ordering::Relaxed);
+                }
+                if header.first_seq < recv.ack() {
+                    let max = self.info.max_batch_bytes as usize;
+                    let _ =
+                        self.down_batch
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                                Some((b * 2).min(max))
+                            });
+                }
+                self.down_ack.store(recv.ack(), Ordering::Release);
+                self.out_notify.notify_one();
+            }
+        };
+        let writer = async {
+            let Ok(from) = start_rx.await else {
+                return std::future::pending::<String>().await;
+            };
+            let mut cursor = StreamCursor::new(
+                from,
+                self.up_batch.load(Ordering::Relaxed),
+                self.info.max_batch_bytes as usize,
+            );
+            let mut last_sent = Instant::now();
+            let mut ack_due: Option<Instant> = None;
+            loop {
+                let notified = self.out_notify.notified();
+                let now = Instant::now();
+                let force = now >= last_sent + hold || ack_due.is_some_and(|t| now >= t);
+                let next = cursor.next_batch(
+                    &lock(&self.out),
+                    self.down_ack.load(Ordering::Acquire),
+                    force,
+                );
+                self.up_batch.store(cursor.limit(), Ordering::Relaxed);
+                match next {
+                    StreamNext::Batch(b) => {
+                        if let Err(e) = tx.send(b).await {
+                            return e.to_string();
+                        }
+                        last_sent = Instant::now();
+                        ack_due = None;
+                        continue;
+                    }
+                    StreamNext::AckDue => {
+                        ack_due.get_or_insert(now + ACK_DELAY);
+                    }
+                    StreamNext::Idle => {}
+                }
+                let wake_at = ack_due.map_or(last_sent + hold, |t| t.min(last_sent + hold));
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep_until(wake_at) => {}
+                }
+            }
+        };
+        let why = tokio::select! {
+            r = reader => match r {
+                Ok(spell) => return spell,
+                Err(why) => why,
+            },
+            why = writer => why,
+        };
+        for batch in [&self.up_batch, &self.down_batch] {
+            let _ = batch.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some((b / 2).max(MIN_PUSH_BATCH))
+            });
+        }
+        Spell::Broken {
+            why,
+            lasted: started.elapsed(),
+            progressed: progressed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes in one whole batch from a stream. `Err` when the relay broke the protocol.
+    fn absorb(
+        self: &Arc<Self>,
+        batch: &[u8],
+        recv: &mut RecvState,
+        tracker: &TaskTracker,
+    ) -> Result<BatchHeader, String> {
+        let mut reader = BatchReader::new();
+        reader.push(batch);
+        let header = match reader.header() {
+            Ok(Some(h)) => h,
+            Ok(None) => return Err("relay sent a batch without a header".into()),
+            Err(e) => return Err(format!("relay sent a bad batch: {e}")),
+        };
+        lock(&self.out)
+            .ack(header.ack)
+            .map_err(|e| format!("relay sent a bad ack: {e}"))?;
+        loop {
+            match reader.next_frame() {
+                Ok(Some((seq, frame))) => match recv.arrive(seq) {
+                    Ok(Arrival::Deliver) => self.dispatch(frame, tracker),
+                    Ok(Arrival::Duplicate) => {}
+                    Err(e) => return Err(format!("relay broke the protocol: {e}")),
+                },
+                Ok(None) => break,
+                Err(e) => return Err(format!("relay sent a bad batch: {e}")),
+            }
+        }
+        reader
+            .finish()
+            .map_err(|e| format!("relay sent a bad batch: {e}"))
+    }
+
+    /// Says on stdout (for people and scripts) and in the log which transport carries the link,
+    /// when it changes; reconnections on the same transport are only logged at debug level.
+    fn announce_transport(&self, transport: Transport, note: &str) {
+        let changed = lock(&self.carrier).replace(transport) != Some(transport);
+        if changed {
+            backhaul_common::telemetry::announce(&format!(
+                "backhaul-agent: link to the relay carried over {transport} ({note})"
+            ));
+            info!("link to the relay carried over {transport} ({note})");
+        } else {
+            debug!("link to the relay reconnected over {transport}");
+        }
+    }
+
     /// Tells the relay this link is going away (best effort, on shutdown).
     pub async fn deregister(&self) {
         let req = self.request(
@@ -132,8 +523,7 @@ impl Link {
         }
     }
 
-    async fn poll_loop(self: Arc<Self>, tracker: TaskTracker) -> String {
-        let mut recv = RecvState::new();
+    async fn poll_loop(self: &Arc<Self>, recv: &mut RecvState, tracker: &TaskTracker) -> Spell {
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let hold = Duration::from_millis(self.info.poll_hold_ms);
         let limit = self.info.max_batch_bytes as usize * MAX_POLL_BODY_FACTOR + 64 * 1024;
@@ -141,16 +531,16 @@ impl Link {
             let url = format!("{}/poll?ack={}", self.url, recv.ack());
             let req = self.request(self.client.get(url).timeout(hold + POLL_GRACE));
             let outcome = tokio::select! {
-                r = self.poll_once(req, &mut recv, limit, &tracker) => r,
-                _ = self.done.cancelled() => return "shutting down".into(),
+                r = self.poll_once(req, recv, limit, tracker) => r,
+                _ = self.done.cancelled() => return Spell::Shutdown,
             };
             self.down_ack.store(recv.ack(), Ordering::Release);
             match outcome {
                 PollOutcome::Progress => backoff.reset(),
-                PollOutcome::LinkGone(why) => return why,
+                PollOutcome::LinkGone(why) => return Spell::LinkGone(why),
                 PollOutcome::Failed(why) => {
                     if !self.pause_after_failure(&mut backoff, "poll", &why).await {
-                        return "shutting down".into();
+                        return Spell::Shutdown;
                     }
                 }
             }
@@ -233,7 +623,7 @@ impl Link {
         }
     }
 
-    async fn push_loop(self: Arc<Self>) -> String {
+    async fn push_loop(self: &Arc<Self>) -> Spell {
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let max_batch = self.info.max_batch_bytes as usize;
         // Shrinks after failures so pushes get through paths that cut long requests, and grows
@@ -259,7 +649,7 @@ impl Link {
             let Some(body) = body else {
                 tokio::select! {
                     _ = notified => continue,
-                    _ = self.done.cancelled() => return "shutting down".into(),
+                    _ = self.done.cancelled() => return Spell::Shutdown,
                 }
             };
             let req = self.request(
@@ -274,7 +664,7 @@ impl Link {
             );
             let outcome = tokio::select! {
                 r = self.push_once(req) => r,
-                _ = self.done.cancelled() => return "shutting down".into(),
+                _ = self.done.cancelled() => return Spell::Shutdown,
             };
             match &outcome {
                 PollOutcome::Progress => batch_limit = (batch_limit * 2).min(max_batch),
@@ -282,10 +672,10 @@ impl Link {
             }
             match outcome {
                 PollOutcome::Progress => backoff.reset(),
-                PollOutcome::LinkGone(why) => return why,
+                PollOutcome::LinkGone(why) => return Spell::LinkGone(why),
                 PollOutcome::Failed(why) => {
                     if !self.pause_after_failure(&mut backoff, "push", &why).await {
-                        return "shutting down".into();
+                        return Spell::Shutdown;
                     }
                 }
             }
@@ -408,6 +798,7 @@ impl Link {
                     protocols: open.protocols.clone(),
                     // HTTP(S)_PROXY is for reaching the relay; the backend is local.
                     use_env_proxy: false,
+                    ..DialOptions::default()
                 };
                 let dialed = match url::Url::parse(&url) {
                     Ok(u) => dial(&u, &dial_opts).await.map_err(anyhow::Error::from),
@@ -439,6 +830,36 @@ impl Link {
     }
 }
 
+/// How a spell on one transport ended.
+enum Spell {
+    /// The link is over: the relay forgot it, or broke the protocol. Register again.
+    LinkGone(String),
+    Shutdown,
+    /// The transport could not be set up (a proxy refused it, or the relay does not offer it).
+    Refused(String),
+    /// The transport carried the link for `lasted`, then broke; `progressed` if it carried any
+    /// batch at all.
+    Broken {
+        why: String,
+        lasted: Duration,
+        progressed: bool,
+    },
+    /// Time to try the faster transports again.
+    TryFaster,
+}
+
+const LINK_GONE: &str =
+    "the relay no longer knows this link (it restarted, or gave up on this agent)";
+
+/// A streaming response body as a source of chunks for [`ChunkRx`].
+struct ResponseChunks(reqwest::Response);
+
+impl ChunkSource for ResponseChunks {
+    async fn chunk(&mut self) -> Result<Option<Bytes>, String> {
+        self.0.chunk().await.map_err(|e| describe(&e))
+    }
+}
+
 enum PollOutcome {
     Progress,
     Failed(String),
@@ -446,11 +867,8 @@ enum PollOutcome {
 }
 
 fn link_gone(resp: &reqwest::Response) -> Option<PollOutcome> {
-    (resp.status() == reqwest::StatusCode::NOT_FOUND).then(|| {
-        PollOutcome::LinkGone(
-            "the relay no longer knows this link (it restarted, or gave up on this agent)".into(),
-        )
-    })
+    (resp.status() == reqwest::StatusCode::NOT_FOUND)
+        .then(|| PollOutcome::LinkGone(LINK_GONE.into()))
 }
 
 /// Error text with its causes, which reqwest otherwise hides.

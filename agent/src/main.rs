@@ -4,9 +4,10 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// backhaul-agent: runs inside the private network and serves one backend. It reaches the relay
-/// with outbound HTTP/1.1 only (long-poll GET + POST), through HTTP_PROXY/HTTPS_PROXY if set, and
-/// dials the backend's WebSocket for each session.
+/// backhaul-agent: runs inside the private network and serves one backend. It only connects out
+/// to the relay, through HTTP_PROXY/HTTPS_PROXY if set, on the fastest transport the path allows
+/// (WebSocket, HTTP/2 stream, or HTTP/1.1 long-poll), and dials the backend's WebSocket for each
+/// session.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -31,6 +32,10 @@ struct Args {
     /// How long to wait for the backend to accept a session's WebSocket.
     #[arg(long, env = "BACKHAUL_CONNECT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     connect_timeout_secs: u64,
+    /// Transport to the relay: auto (try websocket, then http2, then longpoll, and say in the log
+    /// which one carries the link and why), or force one of websocket, http2, longpoll.
+    #[arg(long, env = "BACKHAUL_TRANSPORT", default_value = "auto")]
+    transport: backhaul_agent::transport::TransportChoice,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -78,6 +83,7 @@ async fn main() {
         tls,
         max_sessions: args.max_sessions,
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        transport: args.transport,
     };
     let shutdown = telemetry::shutdown_on_signals();
     if let Err(e) = backhaul_agent::run(config, shutdown).await {

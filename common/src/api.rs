@@ -5,6 +5,8 @@
 //! | `POST {LINKS_PATH}`                          | JSON [`Hello`]      | JSON [`LinkInfo`]              |
 //! | `GET  {LINKS_PATH}/{link}/poll?ack=N`        | -                   | batch, relay -> agent          |
 //! | `POST {LINKS_PATH}/{link}/push`              | batch, agent -> relay | batch header (the ack)       |
+//! | `GET  {LINKS_PATH}/{link}/ws?ack=N` (Upgrade) | batches, one per binary message, both ways | 101 |
+//! | `POST {LINKS_PATH}/{link}/stream?ack=N` (HTTP/2) | length-prefixed batches | length-prefixed batches |
 //! | `DELETE {LINKS_PATH}/{link}`                 | -                   | 204                            |
 //!
 //! Frontends open WebSockets at `{SESSION_PREFIX}{backend-id}[/rest][?query]`.
@@ -19,6 +21,8 @@ pub const LINKS_PATH: &str = "/agent/v1/links";
 pub const SESSION_PREFIX: &str = "/b/";
 /// Content type of batch bodies.
 pub const BATCH_CONTENT_TYPE: &str = "application/x-backhaul-batch";
+/// Content type of HTTP/2 stream bodies (length-prefixed batches).
+pub const BATCH_STREAM_CONTENT_TYPE: &str = "application/x-backhaul-batch-stream";
 /// Longest backend ID accepted.
 pub const MAX_BACKEND_ID_LEN: usize = 64;
 

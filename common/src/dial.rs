@@ -78,6 +78,10 @@ pub struct DialOptions {
     pub protocols: Vec<String>,
     /// Whether to use the proxy the environment names.
     pub use_env_proxy: bool,
+    /// Extra request headers for the handshake (e.g. `Authorization`).
+    pub headers: Vec<(&'static str, String)>,
+    /// WebSocket settings; `None` uses [`crate::ws_config`].
+    pub ws_config: Option<tokio_tungstenite::tungstenite::protocol::WebSocketConfig>,
 }
 
 impl Default for DialOptions {
@@ -87,6 +91,8 @@ impl Default for DialOptions {
             tls: None,
             protocols: Vec::new(),
             use_env_proxy: true,
+            headers: Vec::new(),
+            ws_config: None,
         }
     }
 }
@@ -187,9 +193,13 @@ async fn dial_inner(url: &Url, opts: &DialOptions) -> Result<Dialed, DialError> 
             .map_err(|_| bad("subprotocol names are not valid header text"))?;
         request.headers_mut().insert("Sec-WebSocket-Protocol", v);
     }
-    match tokio_tungstenite::client_async_with_config(request, stream, Some(crate::ws_config()))
-        .await
-    {
+    for (name, value) in &opts.headers {
+        let v = HeaderValue::from_str(value)
+            .map_err(|_| bad(&format!("header {name} is not valid header text")))?;
+        request.headers_mut().insert(*name, v);
+    }
+    let config = opts.ws_config.unwrap_or_else(crate::ws_config);
+    match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
         Ok((ws, resp)) => Ok(Dialed {
             ws,
             protocol: resp

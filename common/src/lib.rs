@@ -26,6 +26,7 @@ pub mod reliable;
 pub mod session;
 pub mod telemetry;
 pub mod tls;
+pub mod transport;
 pub mod wire;
 
 /// Exit code for a configuration the program refuses to start with (BSD `EX_USAGE`).

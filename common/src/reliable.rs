@@ -117,6 +117,76 @@ impl SendBuffer {
     }
 }
 
+/// The sending position of one streaming connection (WebSocket or HTTP/2): unlike a long-poll,
+/// a stream sends each frame once and moves on without waiting for the ack. A new connection
+/// starts a new cursor at the peer's ack, so what was in flight on a broken one is sent again.
+///
+/// A batch is only of use to the receiver when whole, so on a path that cuts connections after
+/// some bytes, batches must stay under that. The cursor's batch limit starts where the caller
+/// says (smaller after breaks) and doubles each time the peer acknowledges more of what was
+/// sent, up to the maximum.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamCursor {
+    next: u64,
+    acked: Option<u64>,
+    limit: usize,
+    max: usize,
+    seen_base: u64,
+}
+
+/// What a stream writer should do now.
+#[derive(Debug)]
+pub enum StreamNext {
+    /// Send this batch.
+    Batch(bytes::Bytes),
+    /// Nothing new to send, but the peer has not heard our latest ack; send it soon.
+    AckDue,
+    /// Nothing to send.
+    Idle,
+}
+
+impl StreamCursor {
+    /// A cursor that sends from `from` (the peer's ack) on, in batches of about `limit` bytes,
+    /// growing to `max`.
+    pub fn new(from: u64, limit: usize, max: usize) -> Self {
+        Self {
+            next: from,
+            acked: None,
+            limit: limit.min(max),
+            max,
+            seen_base: from,
+        }
+    }
+
+    /// The current batch limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The next batch from `buf`, carrying `ack`. With `force`, a batch goes even when it
+    /// carries nothing new (a heartbeat, or an ack that waited long enough).
+    pub fn next_batch(&mut self, buf: &SendBuffer, ack: u64, force: bool) -> StreamNext {
+        if buf.base() > self.seen_base {
+            self.seen_base = buf.base();
+            self.limit = (self.limit * 2).min(self.max);
+        }
+        let fresh = buf.has_from(self.next);
+        if !fresh && !force {
+            return if self.acked == Some(ack) {
+                StreamNext::Idle
+            } else {
+                StreamNext::AckDue
+            };
+        }
+        let mut out = BytesMut::new();
+        let from = self.next.max(buf.base());
+        let n = buf.encode_batch(from, ack, self.limit, &mut out);
+        self.next = from + n as u64;
+        self.acked = Some(ack);
+        StreamNext::Batch(out.freeze())
+    }
+}
+
 /// The receiving half: the next sequence number expected.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RecvState {
@@ -190,6 +260,42 @@ mod tests {
         s.ack(5).unwrap();
         assert!(s.is_empty());
         assert!(!s.has_from(5));
+    }
+
+    #[test]
+    fn stream_cursor_sends_each_frame_once_and_restarts_from_the_ack() {
+        let mut s = SendBuffer::new();
+        for i in 0..4 {
+            s.push(data(i));
+        }
+        let mut c = StreamCursor::new(0, 45, 1000);
+        let StreamNext::Batch(b) = c.next_batch(&s, 7, false) else {
+            panic!("expected a batch")
+        };
+        let (h, frames) = decode_batch(&b).unwrap();
+        assert_eq!((h.ack, h.first_seq, frames.len()), (7, 0, 2));
+        let StreamNext::Batch(b) = c.next_batch(&s, 7, false) else {
+            panic!("expected a batch")
+        };
+        assert_eq!(decode_batch(&b).unwrap().1.len(), 2);
+        assert!(matches!(c.next_batch(&s, 7, false), StreamNext::Idle));
+        assert!(matches!(c.next_batch(&s, 8, false), StreamNext::AckDue));
+        let StreamNext::Batch(b) = c.next_batch(&s, 8, true) else {
+            panic!("expected a heartbeat")
+        };
+        let (h, frames) = decode_batch(&b).unwrap();
+        assert_eq!((h.ack, h.first_seq, frames.len()), (8, 4, 0));
+        // The peer's ack grows the batch limit.
+        s.ack(1).unwrap();
+        assert!(matches!(c.next_batch(&s, 8, false), StreamNext::Idle));
+        assert_eq!(c.limit(), 90);
+        // A new connection after the peer acknowledged 1: frames 1.. go again.
+        let mut c = StreamCursor::new(1, 1000, 1000);
+        let StreamNext::Batch(b) = c.next_batch(&s, 8, false) else {
+            panic!("expected a batch")
+        };
+        let (h, frames) = decode_batch(&b).unwrap();
+        assert_eq!((h.first_seq, frames.len()), (1, 3));
     }
 
     #[test]

@@ -7,7 +7,8 @@ use backhaul_common::session::{pump, FrameSink};
 use backhaul_common::wire::{BatchReader, Frame, Kind};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
@@ -21,7 +22,11 @@ use tracing::{debug, info, warn, Instrument};
 /// Largest registration body accepted.
 const MAX_HELLO_BYTES: usize = 16 * 1024;
 
-pub type Body = Full<Bytes>;
+pub type Body = BoxBody<Bytes, std::convert::Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
 
 /// What every request handler can reach.
 pub struct Ctx {
@@ -33,7 +38,7 @@ pub struct Ctx {
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     let mut body = msg.into();
     body.push('\n');
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -43,7 +48,7 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
 }
 
 fn batch(body: Bytes) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body));
+    let mut resp = Response::new(full(body));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(api::BATCH_CONTENT_TYPE),
@@ -161,9 +166,7 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
             }
             let link = hub.register(&hello.backend_id, &hello.agent);
             let info = hub.link_info(&link.id);
-            let mut resp = Response::new(Full::new(Bytes::from(
-                serde_json::to_vec(&info).unwrap_or_default(),
-            )));
+            let mut resp = Response::new(full(serde_json::to_vec(&info).unwrap_or_default()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
@@ -195,10 +198,12 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
                 Err(e) => link_error(hub, &link, e),
             }
         }
+        (Method::GET, id, "ws") if !id.is_empty() => agent_websocket(&ctx, req, id),
+        (Method::POST, id, "stream") if !id.is_empty() => agent_h2_stream(&ctx, req, id),
         (Method::DELETE, id, "") if !id.is_empty() => match hub.enter(id) {
             Ok((link, _guard)) => {
                 hub.kill_link(&link, 1001, "the agent shut down");
-                let mut resp = Response::new(Full::new(Bytes::new()));
+                let mut resp = Response::new(full(Bytes::new()));
                 *resp.status_mut() = StatusCode::NO_CONTENT;
                 resp
             }
@@ -209,6 +214,159 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
             format!("{m} {path} is not part of the agent API"),
         ),
     }
+}
+
+/// Where a stream starts: the agent's ack from the query, after entering its link.
+fn begin_stream(
+    ctx: &Ctx,
+    req: &Request<Incoming>,
+    id: &str,
+) -> Result<crate::stream::Start, Box<Response<Body>>> {
+    let Some(ack) = query_u64(req.uri().query(), "ack") else {
+        return Err(Box::new(text(
+            StatusCode::BAD_REQUEST,
+            "a stream needs ?ack=<number>",
+        )));
+    };
+    // The agent's batch size after breaks; the stream grows it back as batches go through.
+    let max = ctx.hub.cfg.max_batch_bytes;
+    let batch = query_u64(req.uri().query(), "batch").map_or(max, |b| {
+        (b.min(max as u64) as usize).max(crate::stream::MIN_BATCH.min(max))
+    });
+    let (link, guard) = ctx.hub.enter(id).map_err(|e| Box::new(hub_error(e)))?;
+    match ctx.hub.begin_stream(&link, ack) {
+        Ok(generation) => Ok(crate::stream::Start {
+            link,
+            guard,
+            generation,
+            from: ack,
+            batch,
+        }),
+        Err(e) => Err(Box::new(link_error(&ctx.hub, &link, e))),
+    }
+}
+
+/// `GET .../<link>/ws?ack=N` with a WebSocket upgrade: the link's batches, one per message.
+fn agent_websocket(ctx: &Arc<Ctx>, mut req: Request<Incoming>, id: &str) -> Response<Body> {
+    let key = match websocket_key(&req) {
+        Some(k) => k,
+        None => {
+            return text(
+                StatusCode::UPGRADE_REQUIRED,
+                "this URL carries an agent link over WebSocket; send a WebSocket upgrade",
+            )
+        }
+    };
+    let start = match begin_stream(ctx, &req, id) {
+        Ok(s) => s,
+        Err(resp) => return *resp,
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let hub = ctx.hub.clone();
+    let config = backhaul_common::transport::link_ws_config(hub.cfg.max_batch_bytes);
+    ctx.sessions.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(link.id = %start.link.id, "agent went away during the upgrade: {e}");
+                return;
+            }
+        };
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let (tx, rx) = backhaul_common::transport::ws_halves(ws);
+        crate::stream::serve(hub, start, tx, rx, "WebSocket").await;
+    });
+    switching_protocols(&key, None)
+}
+
+/// `POST .../<link>/stream?ack=N` over HTTP/2: the request body streams the agent's batches and
+/// the response body the relay's, each batch preceded by its length.
+fn agent_h2_stream(ctx: &Arc<Ctx>, req: Request<Incoming>, id: &str) -> Response<Body> {
+    if req.version() != http::Version::HTTP_2 {
+        // Over HTTP/1.1 a proxy may hold a body back until it ends, which would stall the link.
+        return text(
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "streaming agent links need HTTP/2; use the long-poll or WebSocket transport",
+        );
+    }
+    let start = match begin_stream(ctx, &req, id) {
+        Ok(s) => s,
+        Err(resp) => return *resp,
+    };
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let hub = ctx.hub.clone();
+    let max_batch = hub.cfg.max_batch_bytes;
+    let body = req.into_body();
+    ctx.sessions.spawn(async move {
+        let rx = backhaul_common::transport::ChunkRx::new(IncomingChunks(body), max_batch);
+        let tx = backhaul_common::transport::ChannelTx(out_tx);
+        crate::stream::serve(hub, start, tx, rx, "HTTP/2").await;
+    });
+    let frames = futures_util::stream::unfold(out_rx, |mut rx| async move {
+        rx.recv().await.map(|b| {
+            (
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
+                rx,
+            )
+        })
+    });
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(api::BATCH_STREAM_CONTENT_TYPE),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// A request body as a source of chunks for [`backhaul_common::transport::ChunkRx`].
+struct IncomingChunks(Incoming);
+
+impl backhaul_common::transport::ChunkSource for IncomingChunks {
+    async fn chunk(&mut self) -> Result<Option<Bytes>, String> {
+        loop {
+            match self.0.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The `Sec-WebSocket-Key` of a WebSocket upgrade request, if it is one.
+fn websocket_key(req: &Request<Incoming>) -> Option<HeaderValue> {
+    let is_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    is_upgrade
+        .then(|| req.headers().get(header::SEC_WEBSOCKET_KEY).cloned())
+        .flatten()
+}
+
+/// The 101 answer accepting a WebSocket with `key`, naming `protocol` if one was chosen.
+fn switching_protocols(key: &HeaderValue, protocol: Option<String>) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(v) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    resp
 }
 
 /// Reads a push body as it streams in, delivering whole frames at once, and returns the ack.
@@ -308,19 +466,14 @@ async fn frontend_session(
     if let Err(e) = api::validate_backend_id(&backend) {
         return text(StatusCode::BAD_REQUEST, e.to_string());
     }
-    let headers = req.headers();
-    let is_upgrade = headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
-    let (true, Some(key)) = (is_upgrade, key) else {
+    let Some(key) = websocket_key(&req) else {
         return text(
             StatusCode::UPGRADE_REQUIRED,
             format!("/b/{backend} carries WebSocket sessions; connect with a WebSocket client such as backhaul-frontend"),
         );
     };
-    let protocols: Vec<String> = headers
+    let protocols: Vec<String> = req
+        .headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -437,18 +590,7 @@ async fn frontend_session(
         .instrument(span),
     );
 
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    if let Some(v) = chosen.and_then(|p| HeaderValue::from_str(&p).ok()) {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
-    }
-    resp
+    switching_protocols(&key, chosen)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! the hub's lock is never held while taking either.
 
 use backhaul_common::api::{LinkInfo, OpenRequest};
-use backhaul_common::reliable::{Arrival, RecvState, SendBuffer};
+use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor, StreamNext};
 use backhaul_common::session::{new_session, FrameSink, SessionHandle, SessionPeer};
 use backhaul_common::wire::{BatchHeader, BatchReader, Frame, Kind};
 use bytes::{Bytes, BytesMut};
@@ -73,7 +73,8 @@ pub struct Link {
     pub backend: String,
     pub agent: String,
     state: Mutex<LinkState>,
-    /// Wakes the link's poll: frames to send, or sessions pending for its backend.
+    /// Wakes whatever serves the link (a poll, or a stream's writer): frames to send, sessions
+    /// pending for its backend, an ack to send, or a newer poll or stream taking over.
     notify: Notify,
 }
 
@@ -86,7 +87,8 @@ struct LinkState {
     dead: bool,
     last_seen: Instant,
     in_flight: usize,
-    poll_generation: u64,
+    /// Bumped by every poll and every stream; an older one seeing a newer number steps aside.
+    generation: u64,
 }
 
 /// A frontend's session as the relay holds it.
@@ -185,7 +187,18 @@ impl Link {
             }
             st.send.push(frame);
         }
-        self.notify.notify_one();
+        self.wake();
+    }
+
+    /// Wakes the poll or stream writer serving this link. Every waiter registers before it looks
+    /// at the state, so waking all current waiters loses no wake-up.
+    pub fn wake(&self) {
+        self.notify.notify_waiters();
+    }
+
+    /// A future that completes at the next [`Link::wake`]; create it before checking the state.
+    pub fn woken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
     }
 
     fn touch(&self, delta: isize) {
@@ -235,7 +248,7 @@ impl Hub {
                 dead: false,
                 last_seen: Instant::now(),
                 in_flight: 0,
-                poll_generation: 0,
+                generation: 0,
             }),
             notify: Notify::new(),
         });
@@ -305,7 +318,7 @@ impl Hub {
         let accepted = (!open.protocols.is_empty()).then(|| session.on_accept());
         b.pending.push_back(session.clone());
         for link in &b.links {
-            link.notify.notify_one();
+            link.wake();
         }
         inner.sessions += 1;
         Ok((session, peer, accepted))
@@ -319,7 +332,7 @@ impl Hub {
     }
 
     /// Moves sessions waiting for this link's backend onto the link.
-    fn claim_pending(&self, link: &Arc<Link>) {
+    pub fn claim_pending(&self, link: &Arc<Link>) {
         let claimed: Vec<Arc<RelaySession>> = {
             let mut inner = lock(&self.inner);
             let Some(b) = inner.backends.get_mut(&link.backend) else {
@@ -355,12 +368,14 @@ impl Hub {
                 link: link.id.clone(),
                 what: e.to_string(),
             })?;
-            st.poll_generation += 1;
-            st.poll_generation
+            st.generation += 1;
+            st.generation
         };
+        // An older poll or stream of this link steps aside.
+        link.wake();
         let deadline = tokio::time::Instant::now() + self.cfg.poll_hold;
         loop {
-            let notified = link.notify.notified();
+            let notified = link.woken();
             self.claim_pending(link);
             {
                 let st = lock(&link.state);
@@ -368,7 +383,7 @@ impl Hub {
                     return Err(HubError::UnknownLink(link.id.clone()));
                 }
                 // A newer poll from the same agent supersedes this one (the agent gave up on it).
-                if st.poll_generation != generation || st.send.has_from(ack) {
+                if st.generation != generation || st.send.has_from(ack) {
                     return Ok(self.encode(&st, ack));
                 }
             }
@@ -380,6 +395,51 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Starts a stream (WebSocket or HTTP/2) on `link`: applies the agent's ack and takes over
+    /// from any poll or older stream. Returns the stream's generation for [`Hub::stream_next`].
+    pub fn begin_stream(&self, link: &Arc<Link>, ack: u64) -> Result<u64, HubError> {
+        let generation = {
+            let mut st = lock(&link.state);
+            if st.dead {
+                return Err(HubError::UnknownLink(link.id.clone()));
+            }
+            st.send.ack(ack).map_err(|e| HubError::Protocol {
+                link: link.id.clone(),
+                what: e.to_string(),
+            })?;
+            st.generation += 1;
+            st.last_seen = Instant::now();
+            st.generation
+        };
+        link.wake();
+        Ok(generation)
+    }
+
+    /// What a stream writer of `generation` should send next. `force` sends a batch even when
+    /// it carries nothing new. `Ok(None)` when a newer poll or stream has taken over.
+    pub fn stream_next(
+        &self,
+        link: &Arc<Link>,
+        generation: u64,
+        cursor: &mut StreamCursor,
+        force: bool,
+    ) -> Result<Option<StreamNext>, HubError> {
+        let st = lock(&link.state);
+        if st.dead {
+            return Err(HubError::UnknownLink(link.id.clone()));
+        }
+        if st.generation != generation {
+            return Ok(None);
+        }
+        let ack = st.recv.ack();
+        Ok(Some(cursor.next_batch(&st.send, ack, force)))
+    }
+
+    /// Notes that the agent was heard from on a stream.
+    pub fn heard_from(&self, link: &Link) {
+        lock(&link.state).last_seen = Instant::now();
     }
 
     fn encode(&self, st: &LinkState, from: u64) -> Bytes {
@@ -440,7 +500,7 @@ impl Hub {
         }
         drop(st);
         if woke {
-            link.notify.notify_one();
+            link.wake();
         }
         Ok(())
     }
@@ -470,7 +530,7 @@ impl Hub {
         for (id, handle) in &sessions {
             handle.terminate(Frame::close(*id, code, reason));
         }
-        link.notify.notify_one();
+        link.wake();
         let mut inner = lock(&self.inner);
         inner.links.remove(&link.id);
         if let Some(b) = inner.backends.get_mut(&link.backend) {

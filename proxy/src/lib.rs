@@ -1,13 +1,15 @@
 //! backhaul-relay: the public HTTP(S) server of the stack. Frontends open WebSockets to it; agents
-//! inside private networks collect those sessions with long-poll HTTP requests and exchange their
-//! messages in batches (see `docs/protocol.md`).
+//! inside private networks collect those sessions over a WebSocket, an HTTP/2 stream or long-poll
+//! HTTP requests, and exchange their messages in batches (see `docs/protocol.md`).
 //!
 //! - [`hub`]: which agents serve which backend, pending sessions, the links' reliable streams;
-//! - [`http`]: the HTTP surface that translates requests into hub calls.
+//! - [`http`]: the HTTP surface that translates requests into hub calls;
+//! - [`stream`]: the relay's half of the streaming agent transports (WebSocket, HTTP/2).
 #![forbid(unsafe_code)]
 
 pub mod http;
 pub mod hub;
+pub mod stream;
 
 use anyhow::Context;
 use hub::{Hub, HubConfig};
@@ -25,6 +27,10 @@ use tracing::{debug, info, warn, Instrument};
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 flow-control windows and frame size (the agent's http2 transport uses the same).
+const H2_STREAM_WINDOW: u32 = 4 << 20;
+const H2_CONNECTION_WINDOW: u32 = 8 << 20;
+const H2_MAX_FRAME: u32 = 256 << 10;
 /// How long shutdown waits for sessions and requests to finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
@@ -73,6 +79,14 @@ pub async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    // HTTP/2 carries agents' streaming links: windows big enough for a whole batch in flight.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(Some(H2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(H2_CONNECTION_WINDOW))
+        .max_frame_size(Some(H2_MAX_FRAME))
+        .max_send_buf_size(H2_STREAM_WINDOW as usize);
     let builder = Arc::new(builder);
 
     loop {

@@ -57,7 +57,7 @@ async fn main() {
     telemetry::init("info");
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(
-            backhaul_common::tls::server_config(cert, key, &[b"http/1.1".to_vec()])
+            backhaul_common::tls::server_config(cert, key, &[b"h2".to_vec(), b"http/1.1".to_vec()])
                 .unwrap_or_else(|e| fail(format!("TLS setup failed: {e:#}"))),
         ),
         _ => None,

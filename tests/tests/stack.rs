@@ -40,7 +40,10 @@ async fn echo_transfer(entry: SocketAddr, seed: u64, len: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_round_trip() {
-    let stack = Stack::start(StackOptions::default()).await;
+    let mut stack = Stack::start(StackOptions::default()).await;
+    // With nothing in the way, auto settles on the fastest transport.
+    let line = stack.agent.wait_line("carried over ").await;
+    assert!(line.contains("carried over websocket"), "{line}");
     let mut c = step("connect", TcpStream::connect(stack.entry()))
         .await
         .unwrap();
@@ -168,22 +171,24 @@ async fn agent_restarted_while_idle() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cut_http_connections_lose_nothing() {
-    // The agent reaches the relay through an injector that resets every connection after
-    // 32-256 KiB, in the middle of polls and pushes.
+/// The agent reaches the relay on `transport` through an injector that resets every connection
+/// after 32-256 KiB, in the middle of polls, pushes and streams; 64 MiB must still echo intact.
+async fn cut_connections_lose_nothing(transport: &str) {
     let echo = services::echo().await;
     let relay = relay(&[], &[]).await;
     let injector = FaultInjector::start(relay.addr(), 32 * 1024, 256 * 1024).await;
     let backend = backend(echo, &[]).await;
-    let _agent = agent(
+    let mut agent = agent(
         &format!("http://{}", injector.addr),
         "cut",
         &format!("ws://{}", backend.addr()),
-        &[],
+        &[s("--transport"), s(transport)],
         &[],
     )
     .await;
+    agent
+        .wait_line(&format!("carried over {transport} (forced"))
+        .await;
     let frontend = frontend(&format!("http://{}", relay.addr()), "cut", &[], &[]).await;
     echo_transfer(frontend.addr(), 99, 64 * MIB).await;
     assert!(
@@ -193,16 +198,58 @@ async fn cut_http_connections_lose_nothing() {
         injector.connections()
     );
     eprintln!(
-        "injector cut {} of {} connections",
+        "{transport}: injector cut {} of {} connections",
         injector.cuts(),
         injector.connections()
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connections_lose_nothing_longpoll() {
+    cut_connections_lose_nothing("longpoll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connections_lose_nothing_websocket() {
+    cut_connections_lose_nothing("websocket").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connections_lose_nothing_http2() {
+    cut_connections_lose_nothing("http2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_forced_transport_carries_traffic() {
+    let echo = services::echo().await;
+    let relay = relay(&[], &[]).await;
+    let backend = backend(echo, &[]).await;
+    for (i, transport) in ["websocket", "http2", "longpoll"].into_iter().enumerate() {
+        let id = format!("forced-{transport}");
+        let mut agent = agent(
+            &format!("http://{}", relay.addr()),
+            &id,
+            &format!("ws://{}", backend.addr()),
+            &[s("--transport"), s(transport)],
+            &[],
+        )
+        .await;
+        agent
+            .wait_line(&format!("carried over {transport} (forced"))
+            .await;
+        let frontend = frontend(&format!("http://{}", relay.addr()), &id, &[], &[]).await;
+        echo_transfer(frontend.addr(), 200 + i as u64, 8 * MIB).await;
+        // Twenty short sessions in a row: OPEN, data and CLOSE all ride the transport.
+        for j in 0..20 {
+            echo_transfer(frontend.addr(), 300 + j, 1000).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_through_a_forward_proxy_that_refuses_connect() {
     let proxy = ForwardProxy::start().await;
-    let stack = Stack::start(StackOptions {
+    let mut stack = Stack::start(StackOptions {
         agent_env: vec![
             (s("HTTP_PROXY"), proxy.url()),
             (s("HTTPS_PROXY"), proxy.url()),
@@ -210,6 +257,19 @@ async fn agent_through_a_forward_proxy_that_refuses_connect() {
         ..Default::default()
     })
     .await;
+    // auto: the WebSocket needs CONNECT (refused), HTTP/2 does not pass an HTTP/1.1 proxy, so
+    // the agent settles on long-poll and says why.
+    let line = stack.agent.wait_line("carried over ").await;
+    assert!(
+        line.contains("carried over longpoll (fallback: http2 not available"),
+        "expected the agent to fall back to longpoll, it said: {line}"
+    );
+    let log = stack.agent.stderr();
+    assert!(
+        log.contains("websocket transport to the relay is not available")
+            && log.contains("refused to tunnel"),
+        "the agent should say why the WebSocket failed:\n{log}"
+    );
     echo_transfer(stack.entry(), 5, 4 * MIB).await;
     let log = proxy.log();
     assert!(
@@ -542,6 +602,27 @@ async fn https_relay_with_a_private_ca() {
     .await;
     let trusting = frontend(&relay_url, "tls", &[s("--ca-cert"), s(ca.display())], &[]).await;
     echo_transfer(trusting.addr(), 77, 8 * MIB).await;
+
+    // The streaming transports over TLS: WebSocket (wss) and HTTP/2 negotiated by ALPN.
+    for transport in ["websocket", "http2"] {
+        let id = format!("tls-{transport}");
+        let mut agent = agent(
+            &relay_url,
+            &id,
+            &format!("ws://{}", backend.addr()),
+            &[
+                s("--ca-cert"),
+                s(ca.display()),
+                s("--transport"),
+                s(transport),
+            ],
+            &[],
+        )
+        .await;
+        agent.wait_line(&format!("carried over {transport}")).await;
+        let fe = frontend(&relay_url, &id, &[s("--ca-cert"), s(ca.display())], &[]).await;
+        echo_transfer(fe.addr(), 78, 8 * MIB).await;
+    }
 
     // Without the CA the frontend refuses the relay's certificate and says so.
     let untrusting = frontend(

@@ -1,0 +1,234 @@
+//! Message streams between agent and relay. The long-poll transport carries one batch per HTTP
+//! body; the streaming transports (a WebSocket, or an HTTP/2 request and response whose bodies
+//! stay open) carry a sequence of batches in one connection. This module gives both ends of a
+//! streaming transport the same two halves to drive: [`BatchTx`] sends one batch, [`BatchRx`]
+//! yields the next one. Sequence numbers and acks inside the batches are what keep data whole
+//! across reconnects and transport changes (see `reliable`); these halves only carry bytes.
+//!
+//! On HTTP/2 a body is a byte stream, so each batch is preceded by its length:
+//! `len:u32 (big-endian) | batch[len]`.
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use std::future::Future;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// Bytes of the length prefix before each batch on an HTTP/2 body.
+pub const LEN_PREFIX: usize = 4;
+
+/// The WebSocket settings of an agent link carrying batches of up to `max_batch` bytes. One link
+/// per agent, so its buffers can be large enough to move a batch in a few system calls.
+pub fn link_ws_config(max_batch: usize) -> WebSocketConfig {
+    let max = max_message(max_batch);
+    WebSocketConfig::default()
+        .read_buffer_size(256 * 1024)
+        .write_buffer_size(256 * 1024)
+        .max_write_buffer_size(max + 512 * 1024)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// Largest batch message accepted on a link whose batch size is `max_batch`: a batch may exceed
+/// its target by one frame, and the frame headers come on top.
+pub fn max_message(max_batch: usize) -> usize {
+    max_batch * 2 + 64 * 1024
+}
+
+/// Why a stream transport stopped carrying batches.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("connection lost: {0}")]
+    Lost(String),
+    #[error("peer sent {0} bytes in one batch, over the limit of {1}")]
+    TooLarge(usize, usize),
+    #[error("peer sent a text message; agent links carry binary batches only")]
+    Text,
+}
+
+/// Sends whole batches.
+pub trait BatchTx: Send {
+    fn send(&mut self, batch: Bytes) -> impl Future<Output = Result<(), StreamError>> + Send;
+}
+
+/// Receives whole batches; `None` when the peer ended the stream cleanly.
+pub trait BatchRx: Send {
+    fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, StreamError>> + Send;
+}
+
+/// Splits a WebSocket into batch halves.
+pub fn ws_halves<S>(ws: WebSocketStream<S>) -> (WsTx<S>, WsRx<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (tx, rx) = ws.split();
+    (WsTx(tx), WsRx(rx))
+}
+
+pub struct WsTx<S>(SplitSink<WebSocketStream<S>, Message>);
+pub struct WsRx<S>(SplitStream<WebSocketStream<S>>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> BatchTx for WsTx<S> {
+    async fn send(&mut self, batch: Bytes) -> Result<(), StreamError> {
+        self.0
+            .send(Message::Binary(batch))
+            .await
+            .map_err(|e| StreamError::Lost(e.to_string()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> WsTx<S> {
+    /// Ends the WebSocket with a Close carrying `reason` (best effort).
+    pub async fn close(&mut self, code: u16, reason: &str) {
+        let _ = self
+            .0
+            .send(crate::session::close_message(code, reason))
+            .await;
+        let _ = self.0.close().await;
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> BatchRx for WsRx<S> {
+    async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
+        loop {
+            match self.0.next().await {
+                Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
+                Some(Ok(Message::Text(_))) => return Err(StreamError::Text),
+                Some(Ok(Message::Close(_))) | None => return Ok(None),
+                Some(Ok(_)) => continue, // pings are answered by tungstenite
+                Some(Err(e)) => return Err(StreamError::Lost(e.to_string())),
+            }
+        }
+    }
+}
+
+/// The sending half of an HTTP/2 body: batches go, length-prefixed, into a channel that the
+/// HTTP stack drains into DATA frames.
+pub struct ChannelTx(pub mpsc::Sender<Bytes>);
+
+impl BatchTx for ChannelTx {
+    async fn send(&mut self, batch: Bytes) -> Result<(), StreamError> {
+        let len = (batch.len() as u32).to_be_bytes();
+        let closed = || StreamError::Lost("the HTTP/2 stream was closed".into());
+        self.0
+            .send(Bytes::copy_from_slice(&len))
+            .await
+            .map_err(|_| closed())?;
+        self.0.send(batch).await.map_err(|_| closed())
+    }
+}
+
+/// Cuts a byte stream (an HTTP/2 body) back into length-prefixed batches.
+#[derive(Debug)]
+pub struct Splitter {
+    buf: BytesMut,
+    max: usize,
+}
+
+impl Splitter {
+    pub fn new(max: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            max,
+        }
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next whole batch, or `None` until more bytes arrive.
+    pub fn next_batch(&mut self) -> Result<Option<Bytes>, StreamError> {
+        if self.buf.len() < LEN_PREFIX {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > self.max {
+            return Err(StreamError::TooLarge(len, self.max));
+        }
+        if self.buf.len() < LEN_PREFIX + len {
+            self.buf.reserve(LEN_PREFIX + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(LEN_PREFIX);
+        Ok(Some(self.buf.split_to(len).freeze()))
+    }
+
+    /// Bytes of a batch begun but not finished.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// The receiving half of an HTTP/2 body, over any source of body chunks.
+pub struct ChunkRx<F> {
+    next_chunk: F,
+    splitter: Splitter,
+}
+
+/// Something that yields body chunks: `Ok(None)` at the end of the body.
+pub trait ChunkSource: Send {
+    fn chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
+}
+
+impl<F: ChunkSource> ChunkRx<F> {
+    pub fn new(source: F, max_batch: usize) -> Self {
+        Self {
+            next_chunk: source,
+            splitter: Splitter::new(max_message(max_batch)),
+        }
+    }
+}
+
+impl<F: ChunkSource> BatchRx for ChunkRx<F> {
+    async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
+        loop {
+            if let Some(b) = self.splitter.next_batch()? {
+                return Ok(Some(b));
+            }
+            match self.next_chunk.chunk().await {
+                Ok(Some(c)) => self.splitter.push(&c),
+                Ok(None) if self.splitter.pending() == 0 => return Ok(None),
+                Ok(None) => {
+                    return Err(StreamError::Lost(format!(
+                        "body ended inside a batch ({} stray bytes)",
+                        self.splitter.pending()
+                    )))
+                }
+                Err(e) => return Err(StreamError::Lost(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitter_reassembles_across_chunks_and_bounds_size() {
+        let mut wire = Vec::new();
+        for msg in [&b"hello"[..], b"", b"world!"] {
+            wire.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            wire.extend_from_slice(msg);
+        }
+        let mut s = Splitter::new(16);
+        let mut got = Vec::new();
+        for b in wire.chunks(3) {
+            s.push(b);
+            while let Some(m) = s.next_batch().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, vec![&b"hello"[..], b"", b"world!"]);
+        assert_eq!(s.pending(), 0);
+
+        let mut s = Splitter::new(16);
+        s.push(&17u32.to_be_bytes());
+        assert!(matches!(s.next_batch(), Err(StreamError::TooLarge(17, 16))));
+    }
+}

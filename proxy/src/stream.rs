@@ -1,0 +1,125 @@
+//! The relay's side of the streaming agent transports: a WebSocket, or an HTTP/2 request whose
+//! body streams the agent's batches while the response body streams the relay's. Both carry the
+//! same batches as long-poll, but many per connection and without waiting for acks, so a link's
+//! throughput is no longer bounded by one batch per HTTP round trip.
+
+use crate::hub::{Hub, HubError, InFlight, Link};
+use backhaul_common::reliable::{StreamCursor, StreamNext};
+use backhaul_common::transport::{BatchRx, BatchTx};
+use backhaul_common::wire::BatchReader;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+/// How long an ack with nothing else to send may wait for a batch to ride on.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+
+/// Smallest batch a stream starts with, whatever the agent asks.
+pub const MIN_BATCH: usize = 16 * 1024;
+
+/// A stream the hub has accepted, with where it starts.
+pub struct Start {
+    pub link: Arc<Link>,
+    pub guard: InFlight,
+    pub generation: u64,
+    /// The agent's ack: the first sequence number to send.
+    pub from: u64,
+    /// The first batch size (smaller after the agent saw breaks); see [`StreamCursor`].
+    pub batch: usize,
+}
+
+/// Serves one stream of a link until it breaks, the agent ends it, or a newer poll or stream
+/// takes over. The link itself outlives the stream: the agent reconnects, on this transport or
+/// another, and carries on from the acks.
+pub async fn serve<T: BatchTx, R: BatchRx>(
+    hub: Arc<Hub>,
+    start: Start,
+    mut tx: T,
+    mut rx: R,
+    transport: &'static str,
+) {
+    let Start {
+        link,
+        guard: _guard,
+        generation,
+        from,
+        batch,
+    } = start;
+    let heartbeat = hub.cfg.poll_hold;
+    let silence = hub.cfg.poll_hold + hub.cfg.agent_timeout;
+    debug!(link.id = %link.id, backend.id = %link.backend, "agent streaming over {transport}");
+
+    let reader = async {
+        loop {
+            let batch = match tokio::time::timeout(silence, rx.recv()).await {
+                Err(_) => return format!("no word from the agent in {silence:?}"),
+                Ok(Err(e)) => return e.to_string(),
+                Ok(Ok(None)) => return "the agent ended the stream".to_string(),
+                Ok(Ok(Some(b))) => b,
+            };
+            hub.heard_from(&link);
+            let mut reader = BatchReader::new();
+            reader.push(&batch);
+            let delivered = hub.push_frames(&link, &mut reader).and_then(|()| {
+                reader.finish().map(|_| ()).map_err(|e| HubError::Protocol {
+                    link: link.id.clone(),
+                    what: e.to_string(),
+                })
+            });
+            match delivered {
+                Ok(()) => link.wake(), // our ack is due
+                Err(e @ HubError::Protocol { .. }) => {
+                    warn!("{e}");
+                    hub.kill_link(&link, 1011, "the agent broke the protocol");
+                    return e.to_string();
+                }
+                Err(e) => return e.to_string(),
+            }
+        }
+    };
+
+    let writer = async {
+        let mut cursor = StreamCursor::new(from, batch, hub.cfg.max_batch_bytes);
+        // The first batch goes at once: it tells the agent where to resume its own sending.
+        let mut last_sent: Option<Instant> = None;
+        let mut ack_due: Option<Instant> = None;
+        loop {
+            let woken = link.woken();
+            hub.claim_pending(&link);
+            let now = Instant::now();
+            let heartbeat_due = last_sent.is_none_or(|t| now >= t + heartbeat);
+            let force = heartbeat_due || ack_due.is_some_and(|t| now >= t);
+            match hub.stream_next(&link, generation, &mut cursor, force) {
+                Err(e) => return e.to_string(),
+                Ok(None) => return "a newer connection from the agent took over".to_string(),
+                Ok(Some(StreamNext::Batch(b))) => {
+                    if let Err(e) = tx.send(b).await {
+                        return e.to_string();
+                    }
+                    last_sent = Some(Instant::now());
+                    ack_due = None;
+                    continue;
+                }
+                Ok(Some(StreamNext::AckDue)) => {
+                    ack_due.get_or_insert(now + ACK_DELAY);
+                }
+                Ok(Some(StreamNext::Idle)) => {}
+            }
+            let mut wake_at = last_sent.map_or(now, |t| t + heartbeat);
+            if let Some(t) = ack_due {
+                wake_at = wake_at.min(t);
+            }
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+        }
+    };
+
+    let why = tokio::select! {
+        why = reader => why,
+        why = writer => why,
+    };
+    debug!(link.id = %link.id, backend.id = %link.backend, "agent {transport} stream ended: {why}");
+}
