@@ -36,6 +36,10 @@ struct Args {
     /// which one carries the link and why), or force one of websocket, http2, longpoll.
     #[arg(long, env = "BACKHAUL_TRANSPORT", default_value = "auto")]
     transport: backhaul_agent::transport::TransportChoice,
+    /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
+    /// wastes less time waking threads (see docs/benchmarks.md).
+    #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
+    threads: usize,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -62,9 +66,12 @@ fn parse_url(what: &str, s: &str, schemes: &[&str]) -> url::Url {
     u
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
+    backhaul_common::runtime::run("backhaul-agent", args.threads, serve(args));
+}
+
+async fn serve(args: Args) {
     telemetry::init("info");
     let relay = parse_url("relay", &args.relay, &["http", "https"]);
     let backend = parse_url("backend", &args.backend, &["ws", "wss"]);

@@ -79,7 +79,7 @@ async fn session(stream: TcpStream, config: &Config) {
     let accepted = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tokio_tungstenite::accept_hdr_async_with_config(
-            stream,
+            backhaul_common::lazy_read::LazyRead::new(stream),
             callback,
             Some(backhaul_common::ws_config()),
         ),

@@ -20,6 +20,10 @@ struct Args {
     /// Most sessions at once; further clients wait.
     #[arg(long, env = "BACKHAUL_MAX_SESSIONS", default_value_t = 20000)]
     max_sessions: usize,
+    /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
+    /// wastes less time waking threads (see docs/benchmarks.md).
+    #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
+    threads: usize,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -27,9 +31,12 @@ fn fail(msg: impl std::fmt::Display) -> ! {
     std::process::exit(backhaul_common::EXIT_CONFIG);
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
+    backhaul_common::runtime::run("backhaul-backend", args.threads, serve(args));
+}
+
+async fn serve(args: Args) {
     telemetry::init("info");
     match args.target.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}

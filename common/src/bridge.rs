@@ -7,20 +7,18 @@
 //! stack. When both directions have ended, Close 1000 ends the WebSocket. A TCP error becomes
 //! Close 1011 with a reason; an abnormal Close from the far end aborts the TCP side.
 
-use bytes::BytesMut;
+use crate::lazy_read::LazyRead;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-/// Bytes read from TCP per message.
-pub const READ_CHUNK: usize = 64 * 1024;
 /// How long to wait for the far end's Close after both directions have ended or we sent ours.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -75,11 +73,11 @@ where
 
     // TCP -> WebSocket. Returns Err with a reason if TCP or the WebSocket failed.
     let up = async {
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        // Reads allocate their buffer only once data is there: idle connections hold none.
+        let mut tcp_read = LazyRead::new(&mut tcp_read);
         loop {
-            buf.reserve(READ_CHUNK);
-            let n = match tcp_read.read_buf(&mut buf).await {
-                Ok(n) => n,
+            let chunk = match tcp_read.read_chunk().await {
+                Ok(c) => c,
                 Err(e) => {
                     let reason = format!("TCP read failed: {e}");
                     let _ = sink
@@ -90,7 +88,8 @@ where
                     return Err(reason);
                 }
             };
-            let msg = Message::Binary(buf.split().freeze());
+            let n = chunk.len();
+            let msg = Message::Binary(chunk);
             let mut sink = sink.lock().await;
             if let Err(e) = sink.send(msg).await {
                 return Err(format!("WebSocket send failed: {e}"));
@@ -198,7 +197,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{duplex, AsyncReadExt};
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     async fn ws_pair() -> (

@@ -2,6 +2,7 @@
 //! same), directly or through an HTTP forward proxy with `CONNECT`, as the environment's
 //! `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` say.
 
+use crate::lazy_read::LazyRead;
 use crate::tls;
 use base64::Engine;
 use std::io;
@@ -126,7 +127,7 @@ pub enum DialError {
 
 /// The result of a successful dial.
 pub struct Dialed {
-    pub ws: WebSocketStream<MaybeTlsStream>,
+    pub ws: WebSocketStream<LazyRead<MaybeTlsStream>>,
     /// The subprotocol the server chose, if any.
     pub protocol: Option<String>,
 }
@@ -199,6 +200,7 @@ async fn dial_inner(url: &Url, opts: &DialOptions) -> Result<Dialed, DialError> 
         request.headers_mut().insert(*name, v);
     }
     let config = opts.ws_config.unwrap_or_else(crate::ws_config);
+    let stream = LazyRead::new(stream);
     match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
         Ok((ws, resp)) => Ok(Dialed {
             ws,

@@ -21,8 +21,10 @@ pub mod api;
 pub mod backoff;
 pub mod bridge;
 pub mod dial;
+pub mod lazy_read;
 pub mod listen;
 pub mod reliable;
+pub mod runtime;
 pub mod session;
 pub mod telemetry;
 pub mod tls;
@@ -36,9 +38,10 @@ pub const EXIT_CONFIG: i32 = 64;
 /// whole across the agent link, so this also bounds per-session reassembly memory.
 pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
 
-/// Read buffer of each WebSocket. tungstenite's default (128 KiB) is held by every open session
-/// in every process; 16 KiB keeps idle sessions cheap (measured with backhaul-bench).
-pub const WS_READ_BUFFER: usize = 16 * 1024;
+/// Read buffer of each session's WebSocket. tungstenite holds it for the life of the connection,
+/// in every process, so it stays small; [`lazy_read::LazyRead`] under it reads in large chunks
+/// while data flows and holds nothing while the session is idle (measured with backhaul-bench).
+pub const WS_READ_BUFFER: usize = 2 * 1024;
 
 /// The WebSocket configuration all four programs use, so limits agree end to end.
 pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {

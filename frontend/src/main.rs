@@ -39,6 +39,10 @@ struct Args {
     /// Most connections carried at once; further clients wait to be accepted.
     #[arg(long, env = "BACKHAUL_MAX_CONNECTIONS", default_value_t = 20000)]
     max_connections: usize,
+    /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
+    /// wastes less time waking threads (see docs/benchmarks.md).
+    #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
+    threads: usize,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -46,9 +50,12 @@ fn fail(msg: impl std::fmt::Display) -> ! {
     std::process::exit(backhaul_common::EXIT_CONFIG);
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
+    backhaul_common::runtime::run("backhaul-frontend", args.threads, serve(args));
+}
+
+async fn serve(args: Args) {
     telemetry::init(if args.stdio { "warn" } else { "info" });
     if let Err(e) = backhaul_common::api::validate_backend_id(&args.backend_id) {
         fail(format!("--backend-id: {e}"));

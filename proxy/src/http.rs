@@ -3,6 +3,7 @@
 
 use crate::hub::{Hub, HubError, RelaySession};
 use backhaul_common::api::{self, Hello, OpenRequest, Opened, LINKS_PATH, PROTOCOL_VERSION};
+use backhaul_common::lazy_read::LazyRead;
 use backhaul_common::session::{pump, FrameSink};
 use backhaul_common::wire::{BatchReader, Frame, Kind};
 use bytes::Bytes;
@@ -555,7 +556,7 @@ async fn frontend_session(
                 }
             };
             let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
+                LazyRead::new(TokioIo::new(upgraded)),
                 Role::Server,
                 Some(backhaul_common::ws_config()),
             )

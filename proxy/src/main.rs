@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, env = "BACKHAUL_OPEN_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     open_timeout_secs: u64,
     /// Per-session flow-control window in KiB, each direction.
-    #[arg(long, env = "BACKHAUL_WINDOW_KIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    #[arg(long, env = "BACKHAUL_WINDOW_KIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=65536))]
     window_kib: u32,
     /// Largest batch the relay sends in one poll response, in KiB.
     #[arg(long, env = "BACKHAUL_MAX_BATCH_KIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=65536))]
@@ -44,6 +44,10 @@ struct Args {
     /// Most sessions waiting for an agent per backend.
     #[arg(long, env = "BACKHAUL_MAX_PENDING", default_value_t = 1024)]
     max_pending: usize,
+    /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
+    /// wastes less time waking threads (see docs/benchmarks.md).
+    #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
+    threads: usize,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -51,9 +55,12 @@ fn fail(msg: impl std::fmt::Display) -> ! {
     std::process::exit(backhaul_common::EXIT_CONFIG);
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
+    backhaul_common::runtime::run("backhaul-relay", args.threads, serve(args));
+}
+
+async fn serve(args: Args) {
     telemetry::init("info");
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(

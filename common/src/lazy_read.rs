@@ -1,0 +1,174 @@
+//! A read buffer that exists only while data flows.
+//!
+//! tungstenite reads from its stream at most `read_buffer_size` bytes per call and keeps a buffer
+//! of that size for the life of the connection. Every open session holds such a buffer in each of
+//! the four programs, so a large one makes idle sessions expensive and a small one makes bulk
+//! transfers cost a system call per few KiB. [`LazyRead`] sits between the socket and tungstenite
+//! (which keeps a small buffer): it reads up to [`LAZY_READ_CHUNK`] bytes per system call into a
+//! buffer it allocates on demand, hands them out in whatever pieces the reader asks for, and frees
+//! the buffer as soon as it is drained. An idle session holds no read buffer at all.
+
+use bytes::{Buf, Bytes, BytesMut};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes read from the socket per system call while data flows.
+pub const LAZY_READ_CHUNK: usize = 256 * 1024;
+
+/// See the module documentation. Writes pass straight through.
+#[derive(Debug)]
+pub struct LazyRead<S> {
+    inner: S,
+    buf: BytesMut,
+}
+
+impl<S> LazyRead<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> LazyRead<S> {
+    /// The next chunk of at most [`LAZY_READ_CHUNK`] bytes, without copying; empty at the end of
+    /// the stream. While it waits, no buffer is held.
+    pub async fn read_chunk(&mut self) -> io::Result<Bytes> {
+        std::future::poll_fn(|cx| {
+            if self.buf.is_empty() {
+                self.buf.reserve(LAZY_READ_CHUNK);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.buf) {
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => {
+                        self.buf = BytesMut::new();
+                        return Poll::Ready(Err(e));
+                    }
+                    Poll::Pending => {
+                        self.buf = BytesMut::new();
+                        return Poll::Pending;
+                    }
+                }
+            }
+            Poll::Ready(Ok(self.buf.split().freeze()))
+        })
+        .await
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for LazyRead<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.buf.is_empty() {
+            if out.remaining() >= LAZY_READ_CHUNK {
+                return Pin::new(&mut this.inner).poll_read(cx, out);
+            }
+            this.buf.reserve(LAZY_READ_CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.buf = BytesMut::new();
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {
+                    // Nothing to read: the connection is idle, so hold no buffer while it waits.
+                    this.buf = BytesMut::new();
+                    return Poll::Pending;
+                }
+            }
+            if this.buf.is_empty() {
+                this.buf = BytesMut::new();
+                return Poll::Ready(Ok(())); // end of stream
+            }
+        }
+        let n = this.buf.len().min(out.remaining());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for LazyRead<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn hands_out_everything_in_small_reads_and_frees_when_idle() {
+        let (mut a, b) = tokio::io::duplex(256 * 1024);
+        let mut r = LazyRead::new(b);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        a.write_all(&data).await.unwrap();
+        drop(a);
+        let mut got = Vec::new();
+        let mut small = [0u8; 1000];
+        loop {
+            let n = r.read(&mut small).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&small[..n]);
+        }
+        assert_eq!(got, data);
+        assert_eq!(r.buf.capacity(), 0, "the drained buffer must be freed");
+    }
+
+    #[tokio::test]
+    async fn chunks_carry_everything_then_end() {
+        let (mut a, b) = tokio::io::duplex(256 * 1024);
+        let mut r = LazyRead::new(b);
+        let data: Vec<u8> = (0..150_000u32).map(|i| (i % 253) as u8).collect();
+        a.write_all(&data).await.unwrap();
+        drop(a);
+        let mut got = Vec::new();
+        loop {
+            let c = r.read_chunk().await.unwrap();
+            if c.is_empty() {
+                break;
+            }
+            assert!(c.len() <= LAZY_READ_CHUNK);
+            got.extend_from_slice(&c);
+        }
+        assert_eq!(got, data);
+    }
+}

@@ -1,0 +1,34 @@
+//! The tokio runtime every program runs on, sized by `--threads`.
+
+use std::future::Future;
+
+/// Runs `main` on a multi-threaded runtime with `threads` workers (0: one per CPU), on a worker
+/// rather than on the calling thread, so the program's main loop and its session tasks share
+/// the pool and hand work to each other without waking a thread outside it.
+pub fn run<F>(program: &str, threads: usize, main: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    let rt = match builder.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{program}: could not start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async move {
+        match tokio::spawn(main).await {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("{program}: main task failed: {e}");
+                std::process::exit(1);
+            }
+        }
+    })
+}
