@@ -23,7 +23,8 @@ cargo build --workspace --bins
 mkdir -p target
 log=target/test-output.txt
 status=0
-cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+# A hung test must fail the run, not stall CI: the whole run gets at most 40 minutes.
+timeout --kill-after=30 2400 cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log" \
     | tee target/test-summary.txt
 exit "$status"

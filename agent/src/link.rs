@@ -37,7 +37,7 @@ const MIN_PUSH_BATCH: usize = 16 * 1024;
 /// Largest poll response body accepted, as a multiple of the relay's batch size.
 const MAX_POLL_BODY_FACTOR: usize = 2;
 /// How long an ack with nothing else to send may wait for a batch to ride on (streams).
-const ACK_DELAY: Duration = Duration::from_millis(5);
+const ACK_DELAY: Duration = Duration::from_millis(2);
 /// Longest the relay may take to accept a stream.
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -286,8 +286,8 @@ impl Link {
         ack: u64,
     ) -> Result<
         (
-            backhaul_common::transport::WsTx<backhaul_common::dial::MaybeTlsStream>,
-            backhaul_common::transport::WsRx<backhaul_common::dial::MaybeTlsStream>,
+            backhaul_common::transport::WsTx<RelayStream>,
+            backhaul_common::transport::WsRx<RelayStream>,
         ),
         Spell,
     > {
@@ -829,6 +829,8 @@ impl Link {
         );
     }
 }
+
+type RelayStream = backhaul_common::lazy_read::LazyRead<backhaul_common::dial::MaybeTlsStream>;
 
 /// How a spell on one transport ended.
 enum Spell {

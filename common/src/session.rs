@@ -233,7 +233,8 @@ where
             }
             let mut offset = 0;
             while offset < payload.len() {
-                let len = MAX_CHUNK.min(payload.len() - offset);
+                // A chunk never exceeds the window, or its credit could never be granted.
+                let len = MAX_CHUNK.min(window as usize).min(payload.len() - offset);
                 match credits.acquire_many(len as u32).await {
                     Ok(permit) => permit.forget(),
                     // Closed by `terminate`: the writer is ending the session.
@@ -414,16 +415,17 @@ mod tests {
         let total = |sink: &Collect| -> usize {
             sink.0.lock().unwrap().iter().map(|f| f.payload.len()).sum()
         };
-        // The first 64 KiB chunk fits the window; the second does not, so the pump must stop.
-        while total(&sink) < MAX_CHUNK {
+        // Chunks are capped at the window: the first fills it, so the pump must stop there.
+        let first = MAX_CHUNK.min(window as usize);
+        while total(&sink) < first {
             tokio::task::yield_now().await;
         }
         for _ in 0..200 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(total(&sink), MAX_CHUNK, "pump overran its window");
+        assert_eq!(total(&sink), first, "pump overran its window");
         // Credit for what the far side consumed lets the rest through.
-        handle.deliver(Frame::window(5, MAX_CHUNK as u32)).unwrap();
+        handle.deliver(Frame::window(5, first as u32)).unwrap();
         while total(&sink) < big.len() + 2 {
             tokio::task::yield_now().await;
         }

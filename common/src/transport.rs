@@ -22,12 +22,13 @@ use tokio_tungstenite::WebSocketStream;
 pub const LEN_PREFIX: usize = 4;
 
 /// The WebSocket settings of an agent link carrying batches of up to `max_batch` bytes. One link
-/// per agent, so its buffers can be large enough to move a batch in a few system calls.
+/// per agent, so its buffers can be large enough to move a batch in a few system calls (but not
+/// larger: tungstenite zeroes its whole read buffer before every read).
 pub fn link_ws_config(max_batch: usize) -> WebSocketConfig {
     let max = max_message(max_batch);
     WebSocketConfig::default()
-        .read_buffer_size(256 * 1024)
-        .write_buffer_size(256 * 1024)
+        .read_buffer_size(64 * 1024)
+        .write_buffer_size(128 * 1024)
         .max_write_buffer_size(max + 512 * 1024)
         .max_message_size(Some(max))
         .max_frame_size(Some(max))

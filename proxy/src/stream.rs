@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 /// How long an ack with nothing else to send may wait for a batch to ride on.
-const ACK_DELAY: Duration = Duration::from_millis(5);
+const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// Smallest batch a stream starts with, whatever the agent asks.
 pub const MIN_BATCH: usize = 16 * 1024;

@@ -223,6 +223,8 @@ pub struct StackOptions {
     pub agent_env: Vec<(String, String)>,
     /// Extra relay arguments.
     pub relay_args: Vec<String>,
+    /// Extra agent arguments (e.g. `--transport websocket`).
+    pub agent_args: Vec<String>,
     /// The backend ID; `test` when empty.
     pub backend_id: String,
 }
@@ -305,7 +307,7 @@ async fn start_agent(
         &relay_url,
         backend_id,
         &format!("ws://{}", backend.addr()),
-        &[],
+        &opts.agent_args,
         &opts.agent_env,
     )
     .await

@@ -1,77 +1,112 @@
-//! Measures the stack next to direct TCP, in the same run, on loopback:
-//! bulk throughput each way over one connection, round-trip time of 64-byte messages, and the
-//! CPU time each backhaul process spends per GiB carried.
+//! Measures the stack next to direct TCP, in the same run, on loopback, for each agent transport:
 //!
-//! Run with: `cargo build --release --workspace --bins && target/release/backhaul-bench`
-//! (options: `--gib N` per direction, `--rtts N`, `--json PATH`). Benchmarks measure; nothing here
-//! is asserted, and CI does not run it.
+//! - bulk throughput each way, over one connection and over 8 at once;
+//! - round-trip time of 64-byte messages (p50, p99, p99.9);
+//! - connection set-up (connect to first echoed byte, p50 and p99) and new sessions per second,
+//!   one after another and 32 at a time;
+//! - CPU seconds each backhaul process spends per GiB carried;
+//! - resident memory of every process with 1,000 and 10,000 idle sessions open.
+//!
+//! Run with `scripts/bench.sh` (builds the release binaries, runs this, draws the chart), or
+//! `target/release/backhaul-bench --help`. Benchmarks measure; nothing here is asserted, and CI
+//! does not run it. The target service runs in a child process (`--serve`), so the benchmark's
+//! own sockets and the service's do not share one file-descriptor limit.
 
-use backhaul_tests::{Program, Stack, StackOptions};
+use backhaul_tests::{agent, backend, frontend, relay, s, Program, Stack, StackOptions};
+use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const CHUNK: usize = 256 * 1024;
+const GIB: f64 = (1u64 << 30) as f64;
+/// Sessions one frontend or backend process holds in the idle test: each holds two sockets
+/// per session, and the machine's descriptor limit is 20,000 per process.
+const SESSIONS_PER_PROCESS: usize = 5000;
 
-/// A service with three modes chosen by the client's first byte: `u` (upload: count bytes until
-/// EOF, answer with the count), `d` (download: send the 8-byte-announced count, then close) and
-/// `e` (echo).
-async fn bench_service() -> SocketAddr {
+const USAGE: &str =
+    "backhaul-bench: throughput, round trips, set-up and memory of backhaul next to direct TCP
+
+options:
+  --gib N             GiB per direction for the bulk transfers (default 1)
+  --conns N           connections for the parallel bulk transfers (default 8)
+  --rtts N            64-byte round trips (default 5000)
+  --setups N          connections opened for the set-up figures (default 1000)
+  --idle N[,N..]      idle session counts to hold open (default 1000,10000)
+  --transports LIST   agent transports to measure (default websocket,http2,longpoll)
+  --threads N         worker threads of each backhaul program (default 1; 0 = one per CPU)
+  --json PATH         write the results as JSON
+  --chart JSON SVG    only draw the chart of a JSON result file
+  --serve             (internal) run the target service and print its address";
+
+/// The target service, with three modes chosen by the client's first byte: `u` (upload: count
+/// bytes until EOF, answer with the count), `d` (download: send the 8-byte-announced count, then
+/// close) and `e` (echo).
+async fn serve() {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut mode = [0u8; 1];
-                if s.read_exact(&mut mode).await.is_err() {
-                    return;
-                }
-                let mut buf = vec![0u8; CHUNK];
-                match mode[0] {
-                    b'u' => {
-                        let mut n = 0u64;
-                        loop {
-                            match s.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(k) => n += k as u64,
-                            }
+    println!("backhaul-bench service: listening on {addr}");
+    while let Ok((mut s, _)) = l.accept().await {
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut mode = [0u8; 1];
+            if s.read_exact(&mut mode).await.is_err() {
+                return;
+            }
+            match mode[0] {
+                b'u' => {
+                    let mut buf = vec![0u8; CHUNK];
+                    let mut n = 0u64;
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k as u64,
                         }
-                        let _ = s.write_all(&n.to_be_bytes()).await;
-                        let _ = s.shutdown().await;
                     }
-                    b'd' => {
-                        let mut len = [0u8; 8];
-                        if s.read_exact(&mut len).await.is_err() {
+                    let _ = s.write_all(&n.to_be_bytes()).await;
+                    let _ = s.shutdown().await;
+                }
+                b'd' => {
+                    let buf = vec![0x5au8; CHUNK];
+                    let mut len = [0u8; 8];
+                    if s.read_exact(&mut len).await.is_err() {
+                        return;
+                    }
+                    let mut left = u64::from_be_bytes(len);
+                    while left > 0 {
+                        let k = left.min(CHUNK as u64) as usize;
+                        if s.write_all(&buf[..k]).await.is_err() {
                             return;
                         }
-                        let mut left = u64::from_be_bytes(len);
-                        while left > 0 {
-                            let k = left.min(CHUNK as u64) as usize;
-                            if s.write_all(&buf[..k]).await.is_err() {
-                                return;
-                            }
-                            left -= k as u64;
-                        }
-                        let _ = s.shutdown().await;
+                        left -= k as u64;
                     }
-                    _ => {
-                        let (mut r, mut w) = s.into_split();
-                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = s.shutdown().await;
+                }
+                _ => {
+                    // A small buffer: idle echo sessions should cost the service little.
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => {
+                                if s.write_all(&buf[..k]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
                     }
                 }
-            });
-        }
-    });
-    addr
+            }
+        });
+    }
 }
 
-async fn upload(addr: SocketAddr, bytes: u64) -> f64 {
+async fn upload(addr: SocketAddr, bytes: u64) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let _ = s.set_nodelay(true);
     let buf = vec![0x5au8; CHUNK];
-    let start = Instant::now();
     s.write_all(b"u").await.expect("write");
     let mut left = bytes;
     while left > 0 {
@@ -87,14 +122,12 @@ async fn upload(addr: SocketAddr, bytes: u64) -> f64 {
         bytes,
         "service counted a different number of bytes"
     );
-    start.elapsed().as_secs_f64()
 }
 
-async fn download(addr: SocketAddr, bytes: u64) -> f64 {
+async fn download(addr: SocketAddr, bytes: u64) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let _ = s.set_nodelay(true);
     let mut buf = vec![0u8; CHUNK];
-    let start = Instant::now();
     s.write_all(b"d").await.expect("write");
     s.write_all(&bytes.to_be_bytes()).await.expect("write");
     let mut n = 0u64;
@@ -105,7 +138,27 @@ async fn download(addr: SocketAddr, bytes: u64) -> f64 {
         }
     }
     assert_eq!(n, bytes, "download returned a different number of bytes");
-    start.elapsed().as_secs_f64()
+}
+
+/// Moves `bytes` in total over `conns` connections at once; returns MB/s (10^6 bytes).
+async fn bulk(addr: SocketAddr, bytes: u64, conns: usize, up: bool) -> f64 {
+    let each = bytes / conns as u64;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            tokio::spawn(async move {
+                if up {
+                    upload(addr, each).await
+                } else {
+                    download(addr, each).await
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("transfer task");
+    }
+    (each * conns as u64) as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
 /// Round trips of 64-byte messages; returns sorted durations in microseconds.
@@ -131,36 +184,41 @@ async fn rtts(addr: SocketAddr, count: usize) -> Vec<f64> {
     out
 }
 
-/// Opens `count` connections one after another, each timed from connect to its first echoed
-/// byte; returns sorted durations in microseconds and the sessions per second achieved.
-async fn setups(addr: SocketAddr, count: usize) -> (Vec<f64>, f64) {
-    let start = Instant::now();
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        let t = Instant::now();
-        let mut s = TcpStream::connect(addr).await.expect("connect");
-        let _ = s.set_nodelay(true);
-        s.write_all(b"e!").await.expect("write");
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.expect("first echoed byte");
-        out.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    let rate = count as f64 / start.elapsed().as_secs_f64();
-    out.sort_by(|a, b| a.total_cmp(b));
-    (out, rate)
+/// One session: connect, send, wait for the first echoed byte. Returns the stream and how long
+/// that took in microseconds.
+async fn open_session(addr: SocketAddr) -> (TcpStream, f64) {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let _ = s.set_nodelay(true);
+    s.write_all(b"e!").await.expect("write");
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.expect("first echoed byte");
+    (s, t.elapsed().as_secs_f64() * 1e6)
 }
 
-/// Opens `count` sessions and keeps them open and idle (each proven live by one echo).
-async fn idle_sessions(addr: SocketAddr, count: usize) -> Vec<TcpStream> {
-    let mut open = Vec::with_capacity(count);
-    for _ in 0..count {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
-        s.write_all(b"e!").await.expect("write");
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.expect("echo");
-        open.push(s);
+/// Opens `count` sessions, `parallel` at a time, each closed after its first echoed byte.
+/// Returns sorted set-up times in microseconds and sessions per second.
+async fn setups(addr: SocketAddr, count: usize, parallel: usize) -> (Vec<f64>, f64) {
+    let start = Instant::now();
+    let per = count / parallel;
+    let tasks: Vec<_> = (0..parallel)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut out = Vec::with_capacity(per);
+                for _ in 0..per {
+                    out.push(open_session(addr).await.1);
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(count);
+    for t in tasks {
+        all.extend(t.await.expect("set-up task"));
     }
-    open
+    let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.total_cmp(b));
+    (all, rate)
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -178,151 +236,506 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn rss_kib(pid: u32) -> u64 {
+fn rss_kib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0.0)
 }
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
+struct Opts {
+    bytes: u64,
+    conns: usize,
+    rtts: usize,
+    setups: usize,
+    idle: Vec<usize>,
+    transports: Vec<String>,
+    /// Environment of the backhaul programs: quiet logs, `BACKHAUL_THREADS`.
+    env: Vec<(String, String)>,
+}
+
+/// Everything measured on one path (direct, or the stack on one transport).
+async fn measure(label: &str, addr: SocketAddr, procs: &[(&str, u32)], o: &Opts) -> Value {
+    eprintln!("measuring {label} ...");
+    let cpu0: Vec<f64> = procs.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+    let up1 = bulk(addr, o.bytes, 1, true).await;
+    let down1 = bulk(addr, o.bytes, 1, false).await;
+    let up_n = bulk(addr, o.bytes, o.conns, true).await;
+    let down_n = bulk(addr, o.bytes, o.conns, false).await;
+    let cpu1: Vec<f64> = procs.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+    let r = rtts(addr, o.rtts).await;
+    let (seq, seq_rate) = setups(addr, o.setups, 1).await;
+    let (_, par_rate) = setups(addr, o.setups, 32).await;
+    let moved_gib = 4.0 * o.bytes as f64 / GIB;
+    let cpu: serde_json::Map<String, Value> = procs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.to_string(), json!((cpu1[i] - cpu0[i]) / moved_gib)))
+        .collect();
+    json!({
+        "upload_1_MBps": up1,
+        "download_1_MBps": down1,
+        "upload_n_MBps": up_n,
+        "download_n_MBps": down_n,
+        "rtt_p50_us": pct(&r, 0.5),
+        "rtt_p99_us": pct(&r, 0.99),
+        "rtt_p999_us": pct(&r, 0.999),
+        "setup_p50_us": pct(&seq, 0.5),
+        "setup_p99_us": pct(&seq, 0.99),
+        "sessions_per_s_sequential": seq_rate,
+        "sessions_per_s_32_parallel": par_rate,
+        "cpu_s_per_gib": cpu,
+    })
+}
+
+/// Holds `count` idle sessions through a stack sized for them (one frontend, agent and backend
+/// per [`SESSIONS_PER_PROCESS`]) and reports every process's resident memory.
+async fn idle_memory(service: SocketAddr, count: usize, o: &Opts) -> Value {
+    eprintln!("holding {count} idle sessions ...");
+    let quiet = &o.env;
+    let n = count.div_ceil(SESSIONS_PER_PROCESS).max(1);
+    let relay = relay(&[], quiet).await;
+    let relay_url = format!("http://{}", relay.addr());
+    let mut backends = Vec::new();
+    let mut agents = Vec::new();
+    let mut frontends = Vec::new();
+    for _ in 0..n {
+        let b = backend(service, quiet).await;
+        let a = agent(
+            &relay_url,
+            "idle",
+            &format!("ws://{}", b.addr()),
+            &[],
+            quiet,
+        )
+        .await;
+        backends.push(b);
+        agents.push(a);
+        frontends.push(frontend(&relay_url, "idle", &[], quiet).await);
+    }
+    let roles: Vec<(&str, Vec<&Program>)> = vec![
+        ("frontend", frontends.iter().collect()),
+        ("relay", vec![&relay]),
+        ("agent", agents.iter().collect()),
+        ("backend", backends.iter().collect()),
+    ];
+    let rss = |procs: &[&Program]| -> f64 {
+        procs
+            .iter()
+            .filter_map(|p| p.pid())
+            .map(rss_kib)
+            .sum::<f64>()
+    };
+    let before: Vec<f64> = roles.iter().map(|(_, p)| rss(p)).collect();
+    let entries: Vec<SocketAddr> = frontends.iter().map(|f| f.addr()).collect();
+    let per_task = count / 32;
+    let entries = Arc::new(entries);
+    let tasks: Vec<_> = (0..32)
+        .map(|t| {
+            let entries = entries.clone();
+            tokio::spawn(async move {
+                let mut held = Vec::with_capacity(per_task);
+                for i in 0..per_task {
+                    let addr = entries[(t * per_task + i) % entries.len()];
+                    held.push(open_session(addr).await.0);
+                }
+                held
+            })
+        })
+        .collect();
+    let mut held = Vec::with_capacity(count);
+    for t in tasks {
+        held.extend(t.await.expect("idle task"));
+    }
+    let sessions = held.len();
+    let after: Vec<f64> = roles.iter().map(|(_, p)| rss(p)).collect();
+    let mut per_role = serde_json::Map::new();
+    let mut total = 0.0;
+    for (i, (name, procs)) in roles.iter().enumerate() {
+        let per = (after[i] - before[i]) / sessions as f64;
+        total += per;
+        per_role.insert(
+            name.to_string(),
+            json!({"processes": procs.len(), "rss_kib_before": before[i], "rss_kib_after": after[i], "kib_per_session": per}),
+        );
+    }
+    drop(held);
+    json!({"sessions": sessions, "kib_per_session_total": total, "roles": per_role})
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-#[tokio::main]
-async fn main() {
-    let gib: f64 = arg("--gib").and_then(|v| v.parse().ok()).unwrap_or(1.0);
-    let count: usize = arg("--rtts").and_then(|v| v.parse().ok()).unwrap_or(5000);
-    let json_path = arg("--json");
-    let idle: usize = arg("--idle").and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let setup_count: usize = arg("--setups").and_then(|v| v.parse().ok()).unwrap_or(500);
-    let bytes = (gib * (1u64 << 30) as f64) as u64;
-
-    let service = bench_service().await;
-    let quiet = vec![("RUST_LOG".to_string(), "warn".to_string())];
-    let stack = Stack::start_with_env(
-        StackOptions {
-            target: Some(service),
-            ..Default::default()
-        },
-        &quiet,
-    )
-    .await;
-    let procs: Vec<&Program> = vec![&stack.frontend, &stack.relay, &stack.agent, &stack.backend];
-    let pids: Vec<u32> = procs.iter().filter_map(|p| p.pid()).collect();
-    let entry = stack.entry();
-
-    let mut rows = Vec::new();
-    let mut setup_rows = Vec::new();
-    let mut json = serde_like::Obj::default();
-    for (label, addr) in [("direct TCP", service), ("backhaul", entry)] {
-        let cpu0: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
-        let up = upload(addr, bytes).await;
-        let down = download(addr, bytes).await;
-        let cpu1: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
-        let r = rtts(addr, count).await;
-        let up_mb = bytes as f64 / up / 1e6;
-        let down_mb = bytes as f64 / down / 1e6;
-        let (p50, p99, p999) = (pct(&r, 0.5), pct(&r, 0.99), pct(&r, 0.999));
-        rows.push(format!(
-            "{label:<11} | {up_mb:>9.0} MB/s | {down_mb:>9.0} MB/s | {p50:>7.1} us | {p99:>7.1} us | {p999:>7.1} us"
-        ));
-        let (setup, rate) = setups(addr, setup_count).await;
-        let (s50, s99) = (pct(&setup, 0.5), pct(&setup, 0.99));
-        setup_rows.push(format!(
-            "{label:<11} | {s50:>9.0} us | {s99:>9.0} us | {rate:>8.0} /s"
-        ));
-        let mut o = serde_like::Obj::default();
-        o.num("setup_p50_us", s50);
-        o.num("setup_p99_us", s99);
-        o.num("sessions_per_s_sequential", rate);
-        o.num("upload_MBps", up_mb);
-        o.num("download_MBps", down_mb);
-        o.num("rtt_p50_us", p50);
-        o.num("rtt_p99_us", p99);
-        o.num("rtt_p999_us", p999);
-        if label == "backhaul" {
-            let gib_moved = 2.0 * bytes as f64 / (1u64 << 30) as f64;
-            for (i, name) in ["frontend", "relay", "agent", "backend"].iter().enumerate() {
-                o.num(
-                    &format!("cpu_s_per_gib_{name}"),
-                    (cpu1[i] - cpu0[i]) / gib_moved,
-                );
-                o.num(&format!("rss_kib_{name}"), rss_kib(pids[i]) as f64);
-            }
-        }
-        json.obj(label, o);
+fn parse<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    match arg(args, name) {
+        None => default,
+        Some(v) => v.parse().unwrap_or_else(|_| {
+            eprintln!("backhaul-bench: {name} {v:?} is not valid\n\n{USAGE}");
+            std::process::exit(64)
+        }),
     }
-    println!("\n{gib} GiB each way over one connection, {count} round trips of 64 bytes, loopback, {} CPUs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-    println!("path        |    upload      |   download     |  rtt p50   |  rtt p99   | rtt p99.9");
-    for r in &rows {
-        println!("{r}");
-    }
-    println!(
-        "\nconnection set-up (connect to first echoed byte), {setup_count} sequential connections"
-    );
-    println!("path        |   set-up p50 |   set-up p99 |  sessions");
-    for r in &setup_rows {
-        println!("{r}");
-    }
-
-    // Idle sessions: resident memory of each process before and after opening them.
-    let names = ["frontend", "relay", "agent", "backend"];
-    let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
-    let held = idle_sessions(entry, idle).await;
-    let after: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
-    let mut idle_obj = serde_like::Obj::default();
-    let mut total = 0.0;
-    println!("\n{idle} idle sessions held open: resident memory");
-    for (i, name) in names.iter().enumerate() {
-        let per = (after[i] as f64 - before[i] as f64) / idle as f64;
-        total += per;
-        println!(
-            "{name:<9} {:>8} KiB -> {:>8} KiB  ({per:.1} KiB per session)",
-            before[i], after[i]
-        );
-        idle_obj.num(&format!("rss_kib_{name}"), after[i] as f64);
-        idle_obj.num(&format!("kib_per_session_{name}"), per);
-    }
-    println!("all four: {total:.1} KiB per session");
-    idle_obj.num("kib_per_session_total", total);
-    idle_obj.num("sessions", idle as f64);
-    json.obj("idle_sessions", idle_obj);
-    drop(held);
-
-    println!("\nJSON: {}", json.render());
-    if let Some(p) = json_path {
-        std::fs::write(&p, json.render() + "\n").expect("write JSON");
-    }
-    drop(procs);
-    drop(stack);
-    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-/// A tiny JSON writer, so the benchmark needs no serde derive in this crate.
-mod serde_like {
-    #[derive(Default)]
-    pub struct Obj(Vec<(String, String)>);
-    impl Obj {
-        pub fn num(&mut self, k: &str, v: f64) {
-            self.0.push((k.to_string(), format!("{:.3}", v)));
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": cpu,
+        "kernel": kernel.trim(),
+    })
+}
+
+fn print_tables(v: &Value) {
+    let paths = v["paths"].as_object().cloned().unwrap_or_default();
+    let direct = &v["paths"]["direct"];
+    let f = |p: &Value, k: &str| p[k].as_f64().unwrap_or(0.0);
+    let ratio = |p: &Value, k: &str| {
+        let d = f(direct, k);
+        if d > 0.0 {
+            f(p, k) / d
+        } else {
+            0.0
         }
-        pub fn obj(&mut self, k: &str, o: Obj) {
-            self.0.push((k.to_string(), o.render()));
-        }
-        pub fn render(&self) -> String {
-            let body: Vec<String> = self
-                .0
+    };
+    let conns = v["options"]["conns"].as_u64().unwrap_or(8);
+    println!(
+        "\nthroughput, MB/s (ratio to direct TCP), {} GiB per direction",
+        v["options"]["gib"]
+    );
+    println!(
+        "{:<10} | {:>16} | {:>16} | {:>16} | {:>16}",
+        "path",
+        "upload x1",
+        "download x1",
+        format!("upload x{conns}"),
+        format!("download x{conns}")
+    );
+    for (name, p) in &paths {
+        let cell = |k: &str| format!("{:.0} ({:.2}x)", f(p, k), ratio(p, k));
+        println!(
+            "{name:<10} | {:>16} | {:>16} | {:>16} | {:>16}",
+            cell("upload_1_MBps"),
+            cell("download_1_MBps"),
+            cell("upload_n_MBps"),
+            cell("download_n_MBps")
+        );
+    }
+    println!("\nround trips of 64 bytes (µs) and session set-up");
+    println!(
+        "{:<10} | {:>8} | {:>8} | {:>8} | {:>10} | {:>10} | {:>9} | {:>11}",
+        "path", "rtt p50", "rtt p99", "p99.9", "setup p50", "setup p99", "seq /s", "32-par /s"
+    );
+    for (name, p) in &paths {
+        println!(
+            "{name:<10} | {:>8.0} | {:>8.0} | {:>8.0} | {:>10.0} | {:>10.0} | {:>9.0} | {:>11.0}",
+            f(p, "rtt_p50_us"),
+            f(p, "rtt_p99_us"),
+            f(p, "rtt_p999_us"),
+            f(p, "setup_p50_us"),
+            f(p, "setup_p99_us"),
+            f(p, "sessions_per_s_sequential"),
+            f(p, "sessions_per_s_32_parallel")
+        );
+    }
+    println!("\nCPU seconds per GiB carried");
+    for (name, p) in &paths {
+        if let Some(cpu) = p["cpu_s_per_gib"].as_object() {
+            let cells: Vec<String> = cpu
                 .iter()
-                .map(|(k, v)| format!("\"{k}\": {v}"))
+                .map(|(k, v)| format!("{k} {:.2}", v.as_f64().unwrap_or(0.0)))
                 .collect();
-            format!("{{{}}}", body.join(", "))
+            println!("{name:<10} | {}", cells.join(" | "));
         }
     }
+    if let Some(idle) = v["idle"].as_array() {
+        println!("\nidle sessions: resident memory added per session (KiB)");
+        for i in idle {
+            let r = &i["roles"];
+            let per = |role: &str| r[role]["kib_per_session"].as_f64().unwrap_or(0.0);
+            println!(
+                "{:>6} sessions | frontend {:.1} | relay {:.1} | agent {:.1} | backend {:.1} | all four {:.1}",
+                i["sessions"],
+                per("frontend"),
+                per("relay"),
+                per("agent"),
+                per("backend"),
+                i["kib_per_session_total"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+}
+
+/// Draws the throughput ratios, round trips and idle memory of a result file as one SVG.
+fn chart(v: &Value) -> String {
+    let paths: Vec<(String, Value)> = v["paths"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    let colors = ["#888888", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"];
+    let conns = v["options"]["conns"].as_u64().unwrap_or(8);
+    let metrics = [
+        ("upload_1_MBps", "upload x1".to_string()),
+        ("download_1_MBps", "download x1".to_string()),
+        ("upload_n_MBps", format!("upload x{conns}")),
+        ("download_n_MBps", format!("download x{conns}")),
+    ];
+    let (w, bar_h, gap) = (760.0, 12.0, 10.0);
+    let label_w = 110.0;
+    let plot_w = w - label_w - 90.0;
+    let mut out = String::new();
+    let mut y = 40.0;
+    let mut body = String::new();
+    let max_tp = paths
+        .iter()
+        .flat_map(|(_, p)| {
+            metrics
+                .iter()
+                .map(move |(k, _)| p[*k].as_f64().unwrap_or(0.0))
+        })
+        .fold(1.0, f64::max);
+    body.push_str(&format!(
+        "<text x=\"10\" y=\"{y}\" font-weight=\"bold\">Throughput, MB/s (ratio to direct TCP)</text>\n"
+    ));
+    y += 12.0;
+    for (k, title) in &metrics {
+        y += gap;
+        body.push_str(&format!(
+            "<text x=\"10\" y=\"{}\">{title}</text>\n",
+            y + bar_h * paths.len() as f64 / 2.0 + 4.0
+        ));
+        let direct = v["paths"]["direct"][*k].as_f64().unwrap_or(0.0);
+        for (i, (_, p)) in paths.iter().enumerate() {
+            let val = p[*k].as_f64().unwrap_or(0.0);
+            let bw = plot_w * val / max_tp;
+            let ratio = if direct > 0.0 { val / direct } else { 0.0 };
+            body.push_str(&format!(
+                "<rect x=\"{label_w}\" y=\"{y}\" width=\"{bw:.1}\" height=\"{}\" fill=\"{}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{val:.0} ({ratio:.2}x)</text>\n",
+                bar_h - 2.0,
+                colors[i % colors.len()],
+                label_w + bw + 4.0,
+                y + bar_h - 3.0
+            ));
+            y += bar_h;
+        }
+    }
+    y += 30.0;
+    body.push_str(&format!(
+        "<text x=\"10\" y=\"{y}\" font-weight=\"bold\">64-byte round trip, p50 and p99 (µs)</text>\n"
+    ));
+    y += 12.0;
+    let max_rtt = paths
+        .iter()
+        .map(|(_, p)| p["rtt_p99_us"].as_f64().unwrap_or(0.0))
+        .fold(1.0, f64::max);
+    for (i, (name, p)) in paths.iter().enumerate() {
+        y += 4.0;
+        let p50 = p["rtt_p50_us"].as_f64().unwrap_or(0.0);
+        let p99 = p["rtt_p99_us"].as_f64().unwrap_or(0.0);
+        body.push_str(&format!(
+            "<text x=\"10\" y=\"{:.1}\">{name}</text>\n<rect x=\"{label_w}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\" opacity=\"0.35\"/>\n<rect x=\"{label_w}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{p50:.0} / {p99:.0}</text>\n",
+            y + bar_h - 2.0,
+            plot_w * p99 / max_rtt,
+            bar_h,
+            colors[i % colors.len()],
+            plot_w * p50 / max_rtt,
+            bar_h,
+            colors[i % colors.len()],
+            label_w + plot_w * p99 / max_rtt + 4.0,
+            y + bar_h - 2.0
+        ));
+        y += bar_h;
+    }
+    if let Some(idle) = v["idle"].as_array() {
+        y += 30.0;
+        body.push_str(&format!(
+            "<text x=\"10\" y=\"{y}\" font-weight=\"bold\">Resident memory per idle session, KiB (four programs stacked)</text>\n"
+        ));
+        y += 12.0;
+        let roles = ["frontend", "relay", "agent", "backend"];
+        let max_mem = idle
+            .iter()
+            .map(|i| i["kib_per_session_total"].as_f64().unwrap_or(0.0))
+            .fold(40.0, f64::max);
+        for i in idle {
+            y += 4.0;
+            body.push_str(&format!(
+                "<text x=\"10\" y=\"{:.1}\">{} sessions</text>\n",
+                y + bar_h - 2.0,
+                i["sessions"]
+            ));
+            let mut x = label_w;
+            for (j, role) in roles.iter().enumerate() {
+                let kib = i["roles"][*role]["kib_per_session"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    .max(0.0);
+                let bw = plot_w * kib / max_mem;
+                body.push_str(&format!(
+                    "<rect x=\"{x:.1}\" y=\"{y}\" width=\"{bw:.1}\" height=\"{bar_h}\" fill=\"{}\"><title>{role}: {kib:.1} KiB</title></rect>\n",
+                    colors[(j + 1) % colors.len()]
+                ));
+                x += bw;
+            }
+            body.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{:.1}</text>\n",
+                x + 4.0,
+                y + bar_h - 2.0,
+                i["kib_per_session_total"].as_f64().unwrap_or(0.0)
+            ));
+            y += bar_h;
+        }
+        y += 16.0;
+        let mut x = label_w;
+        for (j, role) in roles.iter().enumerate() {
+            body.push_str(&format!(
+                "<rect x=\"{x}\" y=\"{y}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\" font-size=\"10\">{role}</text>\n",
+                colors[(j + 1) % colors.len()],
+                x + 14.0,
+                y + 9.0
+            ));
+            x += 90.0;
+        }
+        let line_x = label_w + plot_w * 40.0 / max_mem;
+        body.push_str(&format!(
+            "<line x1=\"{line_x:.1}\" x2=\"{line_x:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"red\" stroke-dasharray=\"3,3\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" fill=\"red\">40 KiB floor</text>\n",
+            y - 20.0 - (bar_h + 4.0) * idle.len() as f64,
+            y - 16.0,
+            line_x + 3.0,
+            y - 20.0 - (bar_h + 4.0) * idle.len() as f64 + 8.0
+        ));
+    }
+    y += 20.0;
+    let mut legend = String::new();
+    let mut x = label_w;
+    for (i, (name, _)) in paths.iter().enumerate() {
+        legend.push_str(&format!(
+            "<rect x=\"{x}\" y=\"16\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"25\" font-size=\"11\">{name}</text>\n",
+            colors[i % colors.len()],
+            x + 14.0
+        ));
+        x += 110.0;
+    }
+    out.push_str(&format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{y}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{legend}{body}</svg>\n"
+    ));
+    out
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
+    if args.iter().any(|a| a == "--serve") {
+        serve().await;
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--chart") {
+        let (Some(input), Some(output)) = (args.get(i + 1), args.get(i + 2)) else {
+            eprintln!("backhaul-bench: --chart needs a JSON input and an SVG output\n\n{USAGE}");
+            std::process::exit(64);
+        };
+        let text = std::fs::read_to_string(input).unwrap_or_else(|e| {
+            eprintln!("backhaul-bench: cannot read {input}: {e}");
+            std::process::exit(66)
+        });
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+            eprintln!("backhaul-bench: {input} is not a result file: {e}");
+            std::process::exit(65)
+        });
+        std::fs::write(output, chart(&v)).expect("write SVG");
+        return;
+    }
+    let gib: f64 = parse(&args, "--gib", 1.0);
+    let list = |name: &str, default: &str| -> Vec<String> {
+        arg(&args, name)
+            .unwrap_or_else(|| default.to_string())
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    let o = Opts {
+        bytes: (gib * GIB) as u64,
+        conns: parse(&args, "--conns", 8usize).max(1),
+        rtts: parse(&args, "--rtts", 5000usize).max(1),
+        setups: parse(&args, "--setups", 1000usize).max(32),
+        idle: list("--idle", "1000,10000")
+            .iter()
+            .map(|v| {
+                v.parse().unwrap_or_else(|_| {
+                    eprintln!("backhaul-bench: --idle {v:?} is not a number");
+                    std::process::exit(64)
+                })
+            })
+            .collect(),
+        transports: list("--transports", "websocket,http2,longpoll"),
+        env: vec![
+            (s("RUST_LOG"), s("warn")),
+            (s("BACKHAUL_THREADS"), s(parse(&args, "--threads", 1usize))),
+        ],
+    };
+
+    let mut service = Program::listening("backhaul-bench", &[s("--serve")], &[]).await;
+    let target = service.addr();
+    let mut paths = serde_json::Map::new();
+    paths.insert(
+        "direct".into(),
+        measure("direct TCP", target, &[], &o).await,
+    );
+    for t in &o.transports {
+        let stack = Stack::start_with_env(
+            StackOptions {
+                target: Some(target),
+                agent_args: vec![s("--transport"), t.clone()],
+                ..Default::default()
+            },
+            &o.env,
+        )
+        .await;
+        let procs: Vec<(&str, u32)> = [
+            ("frontend", &stack.frontend),
+            ("relay", &stack.relay),
+            ("agent", &stack.agent),
+            ("backend", &stack.backend),
+        ]
+        .iter()
+        .filter_map(|(n, p)| p.pid().map(|pid| (*n, pid)))
+        .collect();
+        paths.insert(t.clone(), measure(t, stack.entry(), &procs, &o).await);
+    }
+    let mut idle = Vec::new();
+    for n in &o.idle {
+        idle.push(idle_memory(target, *n, &o).await);
+    }
+    let result = json!({
+        "command": args.join(" "),
+        "date": std::process::Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%MZ").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        "machine": machine(),
+        "options": {"gib": gib, "conns": o.conns, "rtts": o.rtts, "setups": o.setups, "threads": o.env[1].1},
+        "paths": paths,
+        "idle": idle,
+    });
+    print_tables(&result);
+    if let Some(p) = arg(&args, "--json") {
+        let text = serde_json::to_string_pretty(&result).expect("JSON");
+        std::fs::write(&p, text + "\n").expect("write JSON");
+        println!("\nresults written to {p}");
+    }
+    service.kill().await;
 }
