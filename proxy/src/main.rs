@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, env = "BACKHAUL_OPEN_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     open_timeout_secs: u64,
     /// Per-session flow-control window in KiB, each direction.
-    #[arg(long, env = "BACKHAUL_WINDOW_KIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    #[arg(long, env = "BACKHAUL_WINDOW_KIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=65536))]
     window_kib: u32,
     /// Largest batch the relay sends in one poll response, in KiB.
     #[arg(long, env = "BACKHAUL_MAX_BATCH_KIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=65536))]

@@ -220,6 +220,39 @@ async fn cut_connections_lose_nothing_http2() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_when_streams_keep_breaking() {
+    // Every connection is cut after 32-256 KiB: WebSocket and HTTP/2 streams keep breaking
+    // within seconds of connecting, so auto moves down to long-poll, says why, and loses nothing.
+    let echo = services::echo().await;
+    let relay = relay(&[], &[]).await;
+    let injector = FaultInjector::start(relay.addr(), 32 * 1024, 256 * 1024).await;
+    let backend = backend(echo, &[]).await;
+    let mut agent = agent(
+        &format!("http://{}", injector.addr),
+        "breaks",
+        &format!("ws://{}", backend.addr()),
+        &[],
+        &[],
+    )
+    .await;
+    let frontend = frontend(&format!("http://{}", relay.addr()), "breaks", &[], &[]).await;
+    let transfer = tokio::spawn(echo_transfer(frontend.addr(), 7, 16 * MIB));
+    let first = agent.wait_line("carried over ").await;
+    assert!(first.contains("over websocket"), "{first}");
+    let second = agent.wait_line("carried over ").await;
+    assert!(
+        second.contains("over http2 (fallback: websocket kept breaking"),
+        "{second}"
+    );
+    let third = agent.wait_line("carried over ").await;
+    assert!(
+        third.contains("over longpoll (fallback: http2 kept breaking"),
+        "{third}"
+    );
+    step("transfer", transfer).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_forced_transport_carries_traffic() {
     let echo = services::echo().await;
     let relay = relay(&[], &[]).await;
