@@ -568,7 +568,8 @@ fn chart(v: &Value) -> String {
         let max_mem = idle
             .iter()
             .map(|i| i["kib_per_session_total"].as_f64().unwrap_or(0.0))
-            .fold(40.0, f64::max);
+            .fold(46.0, f64::max);
+        let idle_top = y;
         for i in idle {
             y += 4.0;
             body.push_str(&format!(
@@ -597,6 +598,7 @@ fn chart(v: &Value) -> String {
             ));
             y += bar_h;
         }
+        let idle_bottom = y + 4.0;
         y += 16.0;
         let mut x = label_w;
         for (j, role) in roles.iter().enumerate() {
@@ -610,11 +612,9 @@ fn chart(v: &Value) -> String {
         }
         let line_x = label_w + plot_w * 40.0 / max_mem;
         body.push_str(&format!(
-            "<line x1=\"{line_x:.1}\" x2=\"{line_x:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"red\" stroke-dasharray=\"3,3\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" fill=\"red\">40 KiB floor</text>\n",
-            y - 20.0 - (bar_h + 4.0) * idle.len() as f64,
-            y - 16.0,
+            "<line x1=\"{line_x:.1}\" x2=\"{line_x:.1}\" y1=\"{idle_top:.1}\" y2=\"{idle_bottom:.1}\" stroke=\"red\" stroke-dasharray=\"3,3\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" fill=\"red\">40 KiB floor</text>\n",
             line_x + 3.0,
-            y - 20.0 - (bar_h + 4.0) * idle.len() as f64 + 8.0
+            idle_top + 2.0
         ));
     }
     y += 20.0;
