@@ -382,7 +382,7 @@ impl Link {
                     Ok(Ok(None)) => return Err("the relay ended the stream".to_string()),
                     Ok(Ok(Some(b))) => b,
                 };
-                let header = match self.absorb(&batch, recv, tracker) {
+                let header = match self.absorb(batch, recv, tracker) {
                     Ok(h) => h,
                     Err(why) => return Ok(Spell::LinkGone(why)),
                 };
@@ -467,12 +467,11 @@ impl Link {
     /// Takes in one whole batch from a stream. `Err` when the relay broke the protocol.
     fn absorb(
         self: &Arc<Self>,
-        batch: &[u8],
+        batch: Bytes,
         recv: &mut RecvState,
         tracker: &TaskTracker,
     ) -> Result<BatchHeader, String> {
-        let mut reader = BatchReader::new();
-        reader.push(batch);
+        let mut reader = BatchReader::from_message(batch);
         let header = match reader.header() {
             Ok(Some(h)) => h,
             Ok(None) => return Err("relay sent a batch without a header".into()),

@@ -73,10 +73,11 @@ where
 
     // TCP -> WebSocket. Returns Err with a reason if TCP or the WebSocket failed.
     let up = async {
-        // Reads allocate their buffer only once data is there: idle connections hold none.
+        // Reads allocate their buffer only once data is there: idle connections hold none. A
+        // message is at most one link frame (MAX_CHUNK), so nothing has to reassemble it.
         let mut tcp_read = LazyRead::new(&mut tcp_read);
         loop {
-            let chunk = match tcp_read.read_chunk().await {
+            let chunk = match tcp_read.read_chunk(crate::wire::MAX_CHUNK).await {
                 Ok(c) => c,
                 Err(e) => {
                     let reason = format!("TCP read failed: {e}");

@@ -38,12 +38,12 @@ impl<S> LazyRead<S> {
 }
 
 impl<S: AsyncRead + Unpin> LazyRead<S> {
-    /// The next chunk of at most [`LAZY_READ_CHUNK`] bytes, without copying; empty at the end of
-    /// the stream. While it waits, no buffer is held.
-    pub async fn read_chunk(&mut self) -> io::Result<Bytes> {
+    /// The next chunk of at most `max` bytes, without copying; empty at the end of the stream.
+    /// While it waits, no buffer is held.
+    pub async fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
         std::future::poll_fn(|cx| {
             if self.buf.is_empty() {
-                self.buf.reserve(LAZY_READ_CHUNK);
+                self.buf.reserve(max);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.buf) {
                     Poll::Ready(Ok(_)) => {}
                     Poll::Ready(Err(e)) => {
@@ -56,7 +56,8 @@ impl<S: AsyncRead + Unpin> LazyRead<S> {
                     }
                 }
             }
-            Poll::Ready(Ok(self.buf.split().freeze()))
+            let n = self.buf.len().min(max);
+            Poll::Ready(Ok(self.buf.split_to(n).freeze()))
         })
         .await
     }
@@ -162,11 +163,11 @@ mod tests {
         drop(a);
         let mut got = Vec::new();
         loop {
-            let c = r.read_chunk().await.unwrap();
+            let c = r.read_chunk(10_000).await.unwrap();
             if c.is_empty() {
                 break;
             }
-            assert!(c.len() <= LAZY_READ_CHUNK);
+            assert!(c.len() <= 10_000);
             got.extend_from_slice(&c);
         }
         assert_eq!(got, data);

@@ -224,17 +224,68 @@ pub enum WireError {
 
 /// Incremental batch decoder: feed it body chunks as they arrive, take frames as soon as they are
 /// whole. Holds at most one partial frame, so its memory is bounded by [`MAX_FRAME_PAYLOAD`] plus
-/// the size of the chunks fed to it.
+/// the size of the chunks fed to it. A batch that arrives whole (a stream message) is decoded in
+/// place with [`BatchReader::from_message`]: its frames' payloads are slices of it, not copies.
 #[derive(Debug, Default)]
 pub struct BatchReader {
     buf: BytesMut,
+    /// The whole batch, when it came as one message.
+    msg: Option<Bytes>,
     header: Option<BatchHeader>,
     frames: u64,
+}
+
+/// Takes a batch header off the front of `buf`, once it is all there.
+fn take_header<B: Buf>(buf: &mut B) -> Result<Option<BatchHeader>, WireError> {
+    if buf.remaining() < BATCH_HEADER_LEN {
+        return Ok(None);
+    }
+    let version = buf.chunk()[0];
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    buf.advance(1);
+    let ack = buf.get_u64();
+    let first_seq = buf.get_u64();
+    Ok(Some(BatchHeader { ack, first_seq }))
+}
+
+/// Takes one frame off the front of `buf`, once it is all there; the payload is not copied.
+fn take_frame<B: Buf>(buf: &mut B) -> Result<Option<(Kind, u8, u32, Bytes)>, WireError> {
+    let c = buf.chunk();
+    if c.len() < FRAME_HEADER_LEN {
+        return Ok(None);
+    }
+    let kind = Kind::from_u8(c[0]).ok_or(WireError::UnknownKind(c[0]))?;
+    let len = u32::from_be_bytes([c[6], c[7], c[8], c[9]]);
+    if len as usize > MAX_FRAME_PAYLOAD {
+        return Err(WireError::TooLarge(len));
+    }
+    if buf.remaining() < FRAME_HEADER_LEN + len as usize {
+        return Ok(None);
+    }
+    let flags = c[1];
+    let session = u32::from_be_bytes([c[2], c[3], c[4], c[5]]);
+    buf.advance(FRAME_HEADER_LEN);
+    Ok(Some((
+        kind,
+        flags,
+        session,
+        buf.copy_to_bytes(len as usize),
+    )))
 }
 
 impl BatchReader {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A reader over one whole batch.
+    pub fn from_message(msg: Bytes) -> Self {
+        Self {
+            msg: Some(msg),
+            ..Self::default()
+        }
     }
 
     pub fn push(&mut self, chunk: &[u8]) {
@@ -246,20 +297,17 @@ impl BatchReader {
         self.header.is_some()
     }
 
+    fn pending(&self) -> usize {
+        self.msg.as_ref().map_or(self.buf.len(), Bytes::len)
+    }
+
     /// The batch header, once its bytes have arrived.
     pub fn header(&mut self) -> Result<Option<BatchHeader>, WireError> {
         if self.header.is_none() {
-            if self.buf.len() < BATCH_HEADER_LEN {
-                return Ok(None);
-            }
-            let version = self.buf[0];
-            if version != VERSION {
-                return Err(WireError::Version(version));
-            }
-            self.buf.advance(1);
-            let ack = self.buf.get_u64();
-            let first_seq = self.buf.get_u64();
-            self.header = Some(BatchHeader { ack, first_seq });
+            self.header = match &mut self.msg {
+                Some(m) => take_header(m)?,
+                None => take_header(&mut self.buf)?,
+            };
         }
         Ok(self.header)
     }
@@ -269,22 +317,13 @@ impl BatchReader {
         let Some(header) = self.header()? else {
             return Ok(None);
         };
-        if self.buf.len() < FRAME_HEADER_LEN {
+        let taken = match &mut self.msg {
+            Some(m) => take_frame(m)?,
+            None => take_frame(&mut self.buf)?,
+        };
+        let Some((kind, flags, session, payload)) = taken else {
             return Ok(None);
-        }
-        let kind_byte = self.buf[0];
-        let kind = Kind::from_u8(kind_byte).ok_or(WireError::UnknownKind(kind_byte))?;
-        let len = u32::from_be_bytes([self.buf[6], self.buf[7], self.buf[8], self.buf[9]]);
-        if len as usize > MAX_FRAME_PAYLOAD {
-            return Err(WireError::TooLarge(len));
-        }
-        if self.buf.len() < FRAME_HEADER_LEN + len as usize {
-            return Ok(None);
-        }
-        let flags = self.buf[1];
-        let session = u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]);
-        self.buf.advance(FRAME_HEADER_LEN);
-        let payload = self.buf.split_to(len as usize).freeze();
+        };
         let seq = header.first_seq + self.frames;
         self.frames += 1;
         Ok(Some((seq, Frame::new(kind, flags, session, payload))))
@@ -293,9 +332,8 @@ impl BatchReader {
     /// Call at the end of the body: an error if it stopped inside the header or a frame.
     pub fn finish(&mut self) -> Result<BatchHeader, WireError> {
         match self.header()? {
-            Some(h) if self.buf.is_empty() => Ok(h),
-            Some(_) => Err(WireError::Truncated(self.buf.len())),
-            None => Err(WireError::Truncated(self.buf.len())),
+            Some(h) if self.pending() == 0 => Ok(h),
+            _ => Err(WireError::Truncated(self.pending())),
         }
     }
 }
@@ -335,6 +373,30 @@ mod tests {
             f.encode(&mut buf);
         }
         buf
+    }
+
+    #[test]
+    fn whole_messages_decode_like_streamed_bodies() {
+        let mut out = BytesMut::new();
+        BatchHeader {
+            ack: 3,
+            first_seq: 10,
+        }
+        .encode(&mut out);
+        Frame::data(7, false, true, Bytes::from_static(b"hello")).encode(&mut out);
+        Frame::close(7, 1000, "bye").encode(&mut out);
+        let whole = out.freeze();
+        let streamed = decode_batch(&whole).unwrap();
+        let mut r = BatchReader::from_message(whole.clone());
+        let mut frames = Vec::new();
+        while let Some(f) = r.next_frame().unwrap() {
+            frames.push(f);
+        }
+        assert_eq!(r.finish().unwrap(), streamed.0);
+        assert_eq!(frames, streamed.1);
+        let mut cut = BatchReader::from_message(whole.slice(..whole.len() - 2));
+        while cut.next_frame().unwrap().is_some() {}
+        assert!(matches!(cut.finish(), Err(WireError::Truncated(_))));
     }
 
     #[test]

@@ -59,8 +59,7 @@ pub async fn serve<T: BatchTx, R: BatchRx>(
                 Ok(Ok(Some(b))) => b,
             };
             hub.heard_from(&link);
-            let mut reader = BatchReader::new();
-            reader.push(&batch);
+            let mut reader = BatchReader::from_message(batch);
             let delivered = hub.push_frames(&link, &mut reader).and_then(|()| {
                 reader.finish().map(|_| ()).map_err(|e| HubError::Protocol {
                     link: link.id.clone(),
