@@ -38,23 +38,23 @@ impl<S> LazyRead<S> {
 }
 
 impl<S: AsyncRead + Unpin> LazyRead<S> {
+    /// Refills the empty buffer with one read of up to `size` bytes. While the socket has nothing,
+    /// and after an error or the end of the stream, no buffer is held.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, size: usize) -> Poll<io::Result<()>> {
+        self.buf.reserve(size);
+        let r = tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.buf);
+        if !matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.buf = BytesMut::new();
+        }
+        r.map_ok(|_| ())
+    }
+
     /// The next chunk of at most `max` bytes, without copying; empty at the end of the stream.
     /// While it waits, no buffer is held.
     pub async fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
         std::future::poll_fn(|cx| {
             if self.buf.is_empty() {
-                self.buf.reserve(max);
-                match tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.buf) {
-                    Poll::Ready(Ok(_)) => {}
-                    Poll::Ready(Err(e)) => {
-                        self.buf = BytesMut::new();
-                        return Poll::Ready(Err(e));
-                    }
-                    Poll::Pending => {
-                        self.buf = BytesMut::new();
-                        return Poll::Pending;
-                    }
-                }
+                std::task::ready!(self.poll_fill(cx, max))?;
             }
             let n = self.buf.len().min(max);
             Poll::Ready(Ok(self.buf.split_to(n).freeze()))
@@ -74,23 +74,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for LazyRead<S> {
             if out.remaining() >= LAZY_READ_CHUNK {
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
-            this.buf.reserve(LAZY_READ_CHUNK);
-            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => {
-                    this.buf = BytesMut::new();
-                    return Poll::Ready(Err(e));
-                }
-                Poll::Pending => {
-                    // Nothing to read: the connection is idle, so hold no buffer while it waits.
-                    this.buf = BytesMut::new();
-                    return Poll::Pending;
-                }
-            }
-            if this.buf.is_empty() {
-                this.buf = BytesMut::new();
-                return Poll::Ready(Ok(())); // end of stream
-            }
+            std::task::ready!(this.poll_fill(cx, LAZY_READ_CHUNK))?;
         }
         let n = this.buf.len().min(out.remaining());
         out.put_slice(&this.buf[..n]);

@@ -171,25 +171,48 @@ async fn agent_restarted_while_idle() {
     }
 }
 
-/// The agent reaches the relay on `transport` through an injector that resets every connection
-/// after 32-256 KiB, in the middle of polls, pushes and streams; 64 MiB must still echo intact.
-async fn cut_connections_lose_nothing(transport: &str) {
+/// An echo stack whose agent reaches the relay through an injector that resets every
+/// connection after 32-256 KiB, in the middle of polls, pushes and streams.
+struct CutStack {
+    injector: FaultInjector,
+    agent: backhaul_tests::Program,
+    frontend: backhaul_tests::Program,
+    _others: Vec<backhaul_tests::Program>,
+}
+
+async fn cut_stack(agent_args: &[String]) -> CutStack {
     let echo = services::echo().await;
     let relay = relay(&[], &[]).await;
     let injector = FaultInjector::start(relay.addr(), 32 * 1024, 256 * 1024).await;
     let backend = backend(echo, &[]).await;
-    let mut agent = agent(
+    let agent = agent(
         &format!("http://{}", injector.addr),
         "cut",
         &format!("ws://{}", backend.addr()),
-        &[s("--transport"), s(transport)],
+        agent_args,
         &[],
     )
     .await;
+    let frontend = frontend(&format!("http://{}", relay.addr()), "cut", &[], &[]).await;
+    CutStack {
+        injector,
+        agent,
+        frontend,
+        _others: vec![relay, backend],
+    }
+}
+
+/// The agent on `transport` behind the injector: 64 MiB must still echo intact.
+async fn cut_connections_lose_nothing(transport: &str) {
+    let CutStack {
+        injector,
+        mut agent,
+        frontend,
+        _others,
+    } = cut_stack(&[s("--transport"), s(transport)]).await;
     agent
         .wait_line(&format!("carried over {transport} (forced"))
         .await;
-    let frontend = frontend(&format!("http://{}", relay.addr()), "cut", &[], &[]).await;
     echo_transfer(frontend.addr(), 99, 64 * MIB).await;
     assert!(
         injector.cuts() > 10,
@@ -223,20 +246,10 @@ async fn cut_connections_lose_nothing_http2() {
 async fn auto_falls_back_when_streams_keep_breaking() {
     // Every connection is cut after 32-256 KiB: WebSocket and HTTP/2 streams keep breaking
     // within seconds of connecting, so auto moves down to long-poll, says why, and loses nothing.
-    let echo = services::echo().await;
-    let relay = relay(&[], &[]).await;
-    let injector = FaultInjector::start(relay.addr(), 32 * 1024, 256 * 1024).await;
-    let backend = backend(echo, &[]).await;
-    let mut agent = agent(
-        &format!("http://{}", injector.addr),
-        "breaks",
-        &format!("ws://{}", backend.addr()),
-        &[],
-        &[],
-    )
-    .await;
-    let frontend = frontend(&format!("http://{}", relay.addr()), "breaks", &[], &[]).await;
-    let transfer = tokio::spawn(echo_transfer(frontend.addr(), 7, 16 * MIB));
+    // (Bound whole: fields left out of a pattern would be dropped, killing their programs.)
+    let mut stack = cut_stack(&[]).await;
+    let agent = &mut stack.agent;
+    let transfer = tokio::spawn(echo_transfer(stack.frontend.addr(), 7, 16 * MIB));
     let first = agent.wait_line("carried over ").await;
     assert!(first.contains("over websocket"), "{first}");
     let second = agent.wait_line("carried over ").await;
