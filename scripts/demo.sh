@@ -62,6 +62,7 @@ relay=$(addr_of "$work/relay.out")
 "$bin/backhaul-agent" --relay "http://$relay" --backend-id demo --backend "ws://$backend" > "$work/agent.out" 2> "$work/agent.err" &
 pids+=($!)
 wait_for "$work/agent.out" "connected to relay" > /dev/null
+transport=$(wait_for "$work/agent.out" "carried over" | sed 's/.*carried over //')
 
 "$bin/backhaul-frontend" --listen "$listen" --relay "http://$relay" --backend-id demo > "$work/frontend.out" 2> "$work/frontend.err" &
 pids+=($!)
@@ -73,7 +74,8 @@ backhaul is running:
   sample web service   127.0.0.1:$web_port   (the "private" service)
   backend              $backend
   relay                http://$relay
-  agent                serving backend id "demo", polling the relay over HTTP
+  agent                serving backend id "demo", linked to the relay over $transport
+                       (--transport longpoll|http2 to try the others)
   frontend             $front                (clients connect here)
 
 Try it:
