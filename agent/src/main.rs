@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, env = "BACKHAUL_TRANSPORT", default_value = "auto")]
     transport: backhaul_agent::transport::TransportChoice,
     /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
-    /// wastes less time waking threads (see docs/benchmarks.md).
+    /// spends a little less CPU waking threads (see docs/benchmarks.md).
     #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
     threads: usize,
 }

@@ -45,7 +45,7 @@ struct Args {
     #[arg(long, env = "BACKHAUL_MAX_PENDING", default_value_t = 1024)]
     max_pending: usize,
     /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
-    /// wastes less time waking threads (see docs/benchmarks.md).
+    /// spends a little less CPU waking threads (see docs/benchmarks.md).
     #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
     threads: usize,
 }

@@ -36,7 +36,7 @@ options:
   --setups N          connections opened for the set-up figures (default 1000)
   --idle N[,N..]      idle session counts to hold open (default 1000,10000)
   --transports LIST   agent transports to measure (default websocket,http2,longpoll)
-  --threads N         worker threads of each backhaul program (default 1; 0 = one per CPU)
+  --threads N         worker threads of each backhaul program (default 0: one per CPU, as shipped)
   --json PATH         write the results as JSON
   --chart JSON SVG    only draw the chart of a JSON result file
   --serve             (internal) run the target service and print its address";
@@ -687,7 +687,7 @@ async fn main() {
         transports: list("--transports", "websocket,http2,longpoll"),
         env: vec![
             (s("RUST_LOG"), s("warn")),
-            (s("BACKHAUL_THREADS"), s(parse(&args, "--threads", 1usize))),
+            (s("BACKHAUL_THREADS"), s(parse(&args, "--threads", 0usize))),
         ],
     };
 
