@@ -98,7 +98,10 @@ pub fn http_clients(cfg: &Config) -> anyhow::Result<Clients> {
         .context("could not build the HTTP/1.1 client")?;
     let mut tls2 = tls;
     tls2.alpn_protocols = vec![b"h2".to_vec()];
+    // Each http2 stream is one long request: keep no idle connection for the next one, which
+    // would otherwise reuse a connection that a proxy cut with the last stream and hang on it.
     let h2 = base()
+        .pool_max_idle_per_host(0)
         .http2_prior_knowledge()
         .http2_initial_stream_window_size(Some(H2_STREAM_WINDOW))
         .http2_initial_connection_window_size(Some(H2_CONNECTION_WINDOW))
