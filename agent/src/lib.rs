@@ -14,6 +14,7 @@ pub mod transport;
 use anyhow::Context;
 use backhaul_common::api::{Hello, LinkInfo, LINKS_PATH, PROTOCOL_VERSION};
 use backhaul_common::backoff::Backoff;
+use backhaul_common::transport::{H2_CONNECTION_WINDOW, H2_MAX_FRAME, H2_STREAM_WINDOW};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -111,12 +112,6 @@ pub fn http_clients(cfg: &Config) -> anyhow::Result<Clients> {
         .context("could not build the HTTP/2 client")?;
     Ok(Clients { h1, h2 })
 }
-
-/// HTTP/2 flow-control windows and frame size of the http2 transport: big enough that a whole
-/// batch is in flight without waiting for WINDOW_UPDATEs (the relay uses the same).
-pub const H2_STREAM_WINDOW: u32 = 4 << 20;
-pub const H2_CONNECTION_WINDOW: u32 = 8 << 20;
-pub const H2_MAX_FRAME: u32 = 256 << 10;
 
 /// Registers with the relay and serves sessions until `shutdown`, re-registering whenever the
 /// link is lost.

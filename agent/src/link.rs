@@ -10,16 +10,18 @@ use crate::{Clients, Config};
 use backhaul_common::api::{LinkInfo, OpenRequest, Opened};
 use backhaul_common::backoff::Backoff;
 use backhaul_common::dial::{dial, DialOptions, Dialed};
-use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor, StreamNext};
+use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor};
 use backhaul_common::session::{new_session, pump, FrameSink, SessionHandle};
-use backhaul_common::transport::{BatchRx, BatchTx, ChannelTx, ChunkRx, ChunkSource};
+use backhaul_common::transport::{
+    recv_within, write_batches, BatchRx, BatchTx, ChannelTx, ChunkRx, ChunkSource,
+};
 use backhaul_common::wire::{decode_batch, BatchHeader, BatchReader, Frame, Kind};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,8 +38,6 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 const MIN_PUSH_BATCH: usize = 16 * 1024;
 /// Largest poll response body accepted, as a multiple of the relay's batch size.
 const MAX_POLL_BODY_FACTOR: usize = 2;
-/// How long an ack with nothing else to send may wait for a batch to ride on (streams).
-const ACK_DELAY: Duration = Duration::from_millis(2);
 /// Longest the relay may take to accept a stream.
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -152,7 +152,8 @@ impl Link {
                     self.stream(transport, &mut recv, &tracker, &note).await
                 }
             };
-            match spell {
+            // What failed, why, and (warning, reason) when it is time to move down the ladder.
+            let (what, why, fall_back) = match spell {
                 Spell::LinkGone(why) => break why,
                 Spell::Shutdown => break "shutting down".to_string(),
                 Spell::TryFaster => {
@@ -160,21 +161,17 @@ impl Link {
                     rung = 0;
                     quick_breaks = 0;
                     fell_back = None;
+                    continue;
                 }
-                Spell::Refused(why) => match next {
-                    Some(next) => {
-                        warn!("{transport} transport to the relay is not available ({why}); falling back to {next}");
-                        fell_back = Some(format!("{transport} not available: {why}"));
-                        rung += 1;
-                        quick_breaks = 0;
-                    }
-                    None => {
-                        let what = format!("{transport} connection");
-                        if !self.pause_after_failure(&mut backoff, &what, &why).await {
-                            break "shutting down".to_string();
-                        }
-                    }
-                },
+                Spell::Refused(why) => {
+                    let fall_back = next.map(|next| {
+                        (
+                            format!("{transport} transport to the relay is not available ({why}); falling back to {next}"),
+                            format!("{transport} not available: {why}"),
+                        )
+                    });
+                    (format!("{transport} connection"), why, fall_back)
+                }
                 Spell::Broken {
                     why,
                     lasted,
@@ -189,19 +186,27 @@ impl Link {
                         // It worked until it broke: reconnect at once.
                         backoff.reset();
                     }
-                    match next {
-                        Some(next) if quick_breaks >= QUICK_BREAKS_BEFORE_FALLBACK => {
-                            warn!("{transport} transport to the relay broke {quick_breaks} times within {STABLE_AFTER:?} of connecting (last: {why}); falling back to {next}");
-                            fell_back = Some(format!("{transport} kept breaking: {why}"));
-                            rung += 1;
-                            quick_breaks = 0;
-                        }
-                        _ => {
-                            let what = format!("{transport} stream");
-                            if !self.pause_after_failure(&mut backoff, &what, &why).await {
-                                break "shutting down".to_string();
-                            }
-                        }
+                    let fall_back = next
+                        .filter(|_| quick_breaks >= QUICK_BREAKS_BEFORE_FALLBACK)
+                        .map(|next| {
+                            (
+                                format!("{transport} transport to the relay broke {quick_breaks} times within {STABLE_AFTER:?} of connecting (last: {why}); falling back to {next}"),
+                                format!("{transport} kept breaking: {why}"),
+                            )
+                        });
+                    (format!("{transport} stream"), why, fall_back)
+                }
+            };
+            match fall_back {
+                Some((warning, reason)) => {
+                    warn!("{warning}");
+                    fell_back = Some(reason);
+                    rung += 1;
+                    quick_breaks = 0;
+                }
+                None => {
+                    if !self.pause_after_failure(&mut backoff, &what, &why).await {
+                        break "shutting down".to_string();
                     }
                 }
             }
@@ -252,20 +257,20 @@ impl Link {
         note: &str,
     ) -> Spell {
         let ack = recv.ack();
-        let setup = async {
+        let spell = async {
             match transport {
                 Transport::WebSocket => match self.connect_ws(ack).await {
-                    Ok((tx, rx)) => Ok(self.drive(transport, tx, rx, recv, tracker, note).await),
-                    Err(spell) => Err(spell),
+                    Ok((tx, rx)) => self.drive(transport, tx, rx, recv, tracker, note).await,
+                    Err(spell) => spell,
                 },
-                _ => match self.connect_h2(ack).await {
-                    Ok((tx, rx)) => Ok(self.drive(transport, tx, rx, recv, tracker, note).await),
-                    Err(spell) => Err(spell),
+                Transport::Http2 | Transport::LongPoll => match self.connect_h2(ack).await {
+                    Ok((tx, rx)) => self.drive(transport, tx, rx, recv, tracker, note).await,
+                    Err(spell) => spell,
                 },
             }
         };
         tokio::select! {
-            r = setup => r.unwrap_or_else(|spell| spell),
+            spell = spell => spell,
             _ = self.done.cancelled() => Spell::Shutdown,
         }
     }
@@ -319,10 +324,8 @@ impl Link {
     }
 
     async fn connect_h2(&self, ack: u64) -> Result<(ChannelTx, ChunkRx<ResponseChunks>), Spell> {
-        let (tx, rx) = mpsc::channel::<Bytes>(8);
-        let body = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-        });
+        let (tx, chunks) = ChannelTx::new();
+        let body = futures_util::StreamExt::map(chunks, Ok::<_, std::io::Error>);
         let req = self.request(
             self.client_h2
                 .post(self.stream_url(false, "stream", ack))
@@ -353,7 +356,7 @@ impl Link {
             )));
         }
         let max_batch = self.info.max_batch_bytes as usize;
-        Ok((ChannelTx(tx), ChunkRx::new(ResponseChunks(resp), max_batch)))
+        Ok((tx, ChunkRx::new(ResponseChunks(resp), max_batch)))
     }
 
     /// Carries the link over an open stream: one task half reads the relay's batches and hands
@@ -369,19 +372,13 @@ impl Link {
     ) -> Spell {
         let started = Instant::now();
         self.announce_transport(transport, note);
-        let progressed = std::sync::atomic::AtomicBool::new(false);
+        let mut progressed = false;
         let hold = Duration::from_millis(self.info.poll_hold_ms);
-        let silence = hold + POLL_GRACE;
         let (start_tx, start_rx) = oneshot::channel::<u64>();
         let reader = async {
             let mut start_tx = Some(start_tx);
             loop {
-                let batch = match tokio::time::timeout(silence, rx.recv()).await {
-                    Err(_) => return Err(format!("no word from the relay in {silence:?}")),
-                    Ok(Err(e)) => return Err(e.to_string()),
-                    Ok(Ok(None)) => return Err("the relay ended the stream".to_string()),
-                    Ok(Ok(Some(b))) => b,
-                };
+                let batch = recv_within(&mut rx, hold + POLL_GRACE, "relay").await?;
                 let header = match self.absorb(batch, recv, tracker) {
                     Ok(h) => h,
                     Err(why) => return Ok(Spell::LinkGone(why)),
@@ -389,7 +386,7 @@ impl Link {
                 if let Some(start) = start_tx.take() {
                     // The relay's first batch says where its receiving stands: resume from there.
                     let _ = start.send(header.ack);
-                    progressed.store(true, Ordering::Relaxed);
+                    progressed = true;
                 }
                 if header.first_seq < recv.ack() {
                     let max = self.info.max_batch_bytes as usize;
@@ -412,38 +409,14 @@ impl Link {
                 self.up_batch.load(Ordering::Relaxed),
                 self.info.max_batch_bytes as usize,
             );
-            let mut last_sent = Instant::now();
-            let mut ack_due: Option<Instant> = None;
-            loop {
-                let notified = self.out_notify.notified();
-                let now = Instant::now();
-                let force = now >= last_sent + hold || ack_due.is_some_and(|t| now >= t);
-                let next = cursor.next_batch(
-                    &lock(&self.out),
-                    self.down_ack.load(Ordering::Acquire),
-                    force,
-                );
+            let woken = || self.out_notify.notified();
+            write_batches(&mut tx, hold, false, woken, |force| {
+                let ack = self.down_ack.load(Ordering::Acquire);
+                let next = cursor.next_batch(&lock(&self.out), ack, force);
                 self.up_batch.store(cursor.limit(), Ordering::Relaxed);
-                match next {
-                    StreamNext::Batch(b) => {
-                        if let Err(e) = tx.send(b).await {
-                            return e.to_string();
-                        }
-                        last_sent = Instant::now();
-                        ack_due = None;
-                        continue;
-                    }
-                    StreamNext::AckDue => {
-                        ack_due.get_or_insert(now + ACK_DELAY);
-                    }
-                    StreamNext::Idle => {}
-                }
-                let wake_at = ack_due.map_or(last_sent + hold, |t| t.min(last_sent + hold));
-                tokio::select! {
-                    _ = notified => {}
-                    _ = tokio::time::sleep_until(wake_at) => {}
-                }
-            }
+                Ok(next)
+            })
+            .await
         };
         let why = tokio::select! {
             r = reader => match r {
@@ -460,7 +433,7 @@ impl Link {
         Spell::Broken {
             why,
             lasted: started.elapsed(),
-            progressed: progressed.load(Ordering::Relaxed),
+            progressed,
         }
     }
 
@@ -480,20 +453,31 @@ impl Link {
         lock(&self.out)
             .ack(header.ack)
             .map_err(|e| format!("relay sent a bad ack: {e}"))?;
-        loop {
-            match reader.next_frame() {
-                Ok(Some((seq, frame))) => match recv.arrive(seq) {
-                    Ok(Arrival::Deliver) => self.dispatch(frame, tracker),
-                    Ok(Arrival::Duplicate) => {}
-                    Err(e) => return Err(format!("relay broke the protocol: {e}")),
-                },
-                Ok(None) => break,
-                Err(e) => return Err(format!("relay sent a bad batch: {e}")),
-            }
-        }
+        self.take_frames(&mut reader, recv, tracker)?;
         reader
             .finish()
             .map_err(|e| format!("relay sent a bad batch: {e}"))
+    }
+
+    /// Hands on every whole frame `reader` holds, in order, dropping retransmitted ones. `Err`
+    /// when the relay broke the protocol.
+    fn take_frames(
+        self: &Arc<Self>,
+        reader: &mut BatchReader,
+        recv: &mut RecvState,
+        tracker: &TaskTracker,
+    ) -> Result<(), String> {
+        while let Some((seq, frame)) = reader
+            .next_frame()
+            .map_err(|e| format!("relay sent a bad batch: {e}"))?
+        {
+            match recv.arrive(seq) {
+                Ok(Arrival::Deliver) => self.dispatch(frame, tracker),
+                Ok(Arrival::Duplicate) => {}
+                Err(e) => return Err(format!("relay broke the protocol: {e}")),
+            }
+        }
+        Ok(())
     }
 
     /// Says on stdout (for people and scripts) and in the log which transport carries the link,
@@ -598,18 +582,8 @@ impl Link {
                 Ok(_) => {}
                 Err(e) => return PollOutcome::LinkGone(format!("relay sent a bad batch: {e}")),
             }
-            loop {
-                match reader.next_frame() {
-                    Ok(Some((seq, frame))) => match recv.arrive(seq) {
-                        Ok(Arrival::Deliver) => self.dispatch(frame, tracker),
-                        Ok(Arrival::Duplicate) => {}
-                        Err(e) => {
-                            return PollOutcome::LinkGone(format!("relay broke the protocol: {e}"))
-                        }
-                    },
-                    Ok(None) => break,
-                    Err(e) => return PollOutcome::LinkGone(format!("relay sent a bad batch: {e}")),
-                }
+            if let Err(why) = self.take_frames(&mut reader, recv, tracker) {
+                return PollOutcome::LinkGone(why);
             }
         }
         match reader.finish() {

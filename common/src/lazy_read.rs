@@ -31,10 +31,6 @@ impl<S> LazyRead<S> {
             buf: BytesMut::new(),
         }
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: AsyncRead + Unpin> LazyRead<S> {

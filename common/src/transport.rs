@@ -8,18 +8,31 @@
 //! On HTTP/2 a body is a byte stream, so each batch is preceded by its length:
 //! `len:u32 (big-endian) | batch[len]`.
 
+use crate::reliable::StreamNext;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{SinkExt, Stream, StreamExt};
 use std::future::Future;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::futures::Notified;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 /// Bytes of the length prefix before each batch on an HTTP/2 body.
 pub const LEN_PREFIX: usize = 4;
+
+/// HTTP/2 flow-control windows and frame size, for both the relay and the agent: big enough
+/// that a whole batch is in flight without waiting for WINDOW_UPDATEs.
+pub const H2_STREAM_WINDOW: u32 = 4 << 20;
+pub const H2_CONNECTION_WINDOW: u32 = 8 << 20;
+pub const H2_MAX_FRAME: u32 = 256 << 10;
+
+/// How long an ack with nothing else to send may wait for a batch to ride on.
+pub const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// The WebSocket settings of an agent link carrying batches of up to `max_batch` bytes. One link
 /// per agent, so its buffers can be large enough to move a batch in a few system calls (but not
@@ -82,17 +95,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> BatchTx for WsTx<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> WsTx<S> {
-    /// Ends the WebSocket with a Close carrying `reason` (best effort).
-    pub async fn close(&mut self, code: u16, reason: &str) {
-        let _ = self
-            .0
-            .send(crate::session::close_message(code, reason))
-            .await;
-        let _ = self.0.close().await;
-    }
-}
-
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> BatchRx for WsRx<S> {
     async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
         loop {
@@ -109,7 +111,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> BatchRx for WsRx<S> {
 
 /// The sending half of an HTTP/2 body: batches go, length-prefixed, into a channel that the
 /// HTTP stack drains into DATA frames.
-pub struct ChannelTx(pub mpsc::Sender<Bytes>);
+pub struct ChannelTx(mpsc::Sender<Bytes>);
+
+impl ChannelTx {
+    /// A sender and the stream of body chunks it feeds, for the HTTP stack to drain.
+    pub fn new() -> (Self, impl Stream<Item = Bytes> + Send + 'static) {
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let chunks =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|b| (b, rx)) },
+            );
+        (Self(tx), chunks)
+    }
+}
 
 impl BatchTx for ChannelTx {
     async fn send(&mut self, batch: Bytes) -> Result<(), StreamError> {
@@ -202,6 +217,73 @@ impl<F: ChunkSource> BatchRx for ChunkRx<F> {
                 }
                 Err(e) => return Err(StreamError::Lost(e)),
             }
+        }
+    }
+}
+
+/// The next batch from `rx`, or why there is none: the `peer` was silent for `silence`, the
+/// connection broke, or the peer ended the stream.
+pub async fn recv_within<R: BatchRx>(
+    rx: &mut R,
+    silence: Duration,
+    peer: &str,
+) -> Result<Bytes, String> {
+    match tokio::time::timeout(silence, rx.recv()).await {
+        Err(_) => Err(format!("no word from the {peer} in {silence:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(None)) => Err(format!("the {peer} ended the stream")),
+        Ok(Ok(Some(b))) => Ok(b),
+    }
+}
+
+/// Sends a stream's batches until sending fails or `next` gives a reason to stop; returns it.
+///
+/// `next(force)` takes the next step from the caller's send buffer (see
+/// [`crate::reliable::StreamCursor`]); `force` is set when a heartbeat is due (`heartbeat` after
+/// the last batch, or at once for the first with `first_at_once`) or an ack has waited
+/// [`ACK_DELAY`]. Between steps it waits for `woken()`, which is created before each step so no
+/// wake-up is lost.
+pub async fn write_batches<'a, T, W, N>(
+    tx: &mut T,
+    heartbeat: Duration,
+    first_at_once: bool,
+    woken: W,
+    mut next: N,
+) -> String
+where
+    T: BatchTx,
+    W: Fn() -> Notified<'a>,
+    N: FnMut(bool) -> Result<StreamNext, String>,
+{
+    let mut last_sent = (!first_at_once).then(Instant::now);
+    let mut ack_due: Option<Instant> = None;
+    loop {
+        let notified = woken();
+        let now = Instant::now();
+        let heartbeat_due = last_sent.is_none_or(|t| now >= t + heartbeat);
+        let force = heartbeat_due || ack_due.is_some_and(|t| now >= t);
+        match next(force) {
+            Err(why) => return why,
+            Ok(StreamNext::Batch(b)) => {
+                if let Err(e) = tx.send(b).await {
+                    return e.to_string();
+                }
+                last_sent = Some(Instant::now());
+                ack_due = None;
+                continue;
+            }
+            Ok(StreamNext::AckDue) => {
+                ack_due.get_or_insert(now + ACK_DELAY);
+            }
+            Ok(StreamNext::Idle) => {}
+        }
+        let mut wake_at = last_sent.map_or(now, |t| t + heartbeat);
+        if let Some(t) = ack_due {
+            wake_at = wake_at.min(t);
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep_until(wake_at) => {}
         }
     }
 }

@@ -5,6 +5,7 @@ use crate::hub::{Hub, HubError, RelaySession};
 use backhaul_common::api::{self, Hello, OpenRequest, Opened, LINKS_PATH, PROTOCOL_VERSION};
 use backhaul_common::lazy_read::LazyRead;
 use backhaul_common::session::{pump, FrameSink};
+use backhaul_common::transport::ChunkSource;
 use backhaul_common::wire::{BatchReader, Frame, Kind};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -235,7 +236,7 @@ fn begin_stream(
         (b.min(max as u64) as usize).max(crate::stream::MIN_BATCH.min(max))
     });
     let (link, guard) = ctx.hub.enter(id).map_err(|e| Box::new(hub_error(e)))?;
-    match ctx.hub.begin_stream(&link, ack) {
+    match ctx.hub.take_over(&link, ack) {
         Ok(generation) => Ok(crate::stream::Start {
             link,
             guard,
@@ -296,22 +297,16 @@ fn agent_h2_stream(ctx: &Arc<Ctx>, req: Request<Incoming>, id: &str) -> Response
         Ok(s) => s,
         Err(resp) => return *resp,
     };
-    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let (tx, chunks) = backhaul_common::transport::ChannelTx::new();
     let hub = ctx.hub.clone();
     let max_batch = hub.cfg.max_batch_bytes;
     let body = req.into_body();
     ctx.sessions.spawn(async move {
         let rx = backhaul_common::transport::ChunkRx::new(IncomingChunks(body), max_batch);
-        let tx = backhaul_common::transport::ChannelTx(out_tx);
         crate::stream::serve(hub, start, tx, rx, "HTTP/2").await;
     });
-    let frames = futures_util::stream::unfold(out_rx, |mut rx| async move {
-        rx.recv().await.map(|b| {
-            (
-                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
-                rx,
-            )
-        })
+    let frames = futures_util::StreamExt::map(chunks, |b| {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b))
     });
     let mut resp = Response::new(BodyExt::boxed(StreamBody::new(frames)));
     resp.headers_mut().insert(
@@ -323,10 +318,10 @@ fn agent_h2_stream(ctx: &Arc<Ctx>, req: Request<Incoming>, id: &str) -> Response
     resp
 }
 
-/// A request body as a source of chunks for [`backhaul_common::transport::ChunkRx`].
+/// A request body as a source of data chunks (trailers carry nothing for us).
 struct IncomingChunks(Incoming);
 
-impl backhaul_common::transport::ChunkSource for IncomingChunks {
+impl ChunkSource for IncomingChunks {
     async fn chunk(&mut self) -> Result<Option<Bytes>, String> {
         loop {
             match self.0.frame().await {
@@ -378,19 +373,17 @@ async fn push(
     req: Request<Incoming>,
     limit: usize,
 ) -> Result<Bytes, HubError> {
-    let mut body = req.into_body();
+    let mut body = IncomingChunks(req.into_body());
     let mut reader = BatchReader::new();
     let mut received = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(f) => f,
+    loop {
+        let data = match body.chunk().await {
+            Ok(Some(data)) => data,
+            Ok(None) => break,
             Err(e) => {
                 debug!(link.id = %link.id, "push body cut after {received} bytes: {e}");
                 return Ok(hub.push_ack(link));
             }
-        };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers carry nothing for us
         };
         received += data.len();
         if received > limit {

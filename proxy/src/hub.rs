@@ -201,7 +201,8 @@ impl Link {
         self.notify.notified()
     }
 
-    fn touch(&self, delta: isize) {
+    /// Notes that the agent was heard from, with `delta` more (or fewer) requests in flight.
+    pub(crate) fn touch(&self, delta: isize) {
         let mut st = lock(&self.state);
         st.last_seen = Instant::now();
         st.in_flight = st.in_flight.saturating_add_signed(delta);
@@ -362,17 +363,7 @@ impl Hub {
     /// Serves one long-poll: applies the agent's ack, then answers as soon as there are frames
     /// for it, or with an empty batch when the hold time runs out.
     pub async fn poll(&self, link: &Arc<Link>, ack: u64) -> Result<Bytes, HubError> {
-        let generation = {
-            let mut st = lock(&link.state);
-            st.send.ack(ack).map_err(|e| HubError::Protocol {
-                link: link.id.clone(),
-                what: e.to_string(),
-            })?;
-            st.generation += 1;
-            st.generation
-        };
-        // An older poll or stream of this link steps aside.
-        link.wake();
+        let generation = self.take_over(link, ack)?;
         let deadline = tokio::time::Instant::now() + self.cfg.poll_hold;
         loop {
             let notified = link.woken();
@@ -397,9 +388,10 @@ impl Hub {
         }
     }
 
-    /// Starts a stream (WebSocket or HTTP/2) on `link`: applies the agent's ack and takes over
-    /// from any poll or older stream. Returns the stream's generation for [`Hub::stream_next`].
-    pub fn begin_stream(&self, link: &Arc<Link>, ack: u64) -> Result<u64, HubError> {
+    /// Starts a poll or a stream on `link`: applies the agent's ack and makes any older poll or
+    /// stream of the link step aside. Returns the new one's generation (see
+    /// [`Hub::stream_next`]).
+    pub fn take_over(&self, link: &Arc<Link>, ack: u64) -> Result<u64, HubError> {
         let generation = {
             let mut st = lock(&link.state);
             if st.dead {
@@ -410,7 +402,6 @@ impl Hub {
                 what: e.to_string(),
             })?;
             st.generation += 1;
-            st.last_seen = Instant::now();
             st.generation
         };
         link.wake();
@@ -435,11 +426,6 @@ impl Hub {
         }
         let ack = st.recv.ack();
         Ok(Some(cursor.next_batch(&st.send, ack, force)))
-    }
-
-    /// Notes that the agent was heard from on a stream.
-    pub fn heard_from(&self, link: &Link) {
-        lock(&link.state).last_seen = Instant::now();
     }
 
     fn encode(&self, st: &LinkState, from: u64) -> Bytes {

@@ -12,6 +12,7 @@ pub mod hub;
 pub mod stream;
 
 use anyhow::Context;
+use backhaul_common::transport::{H2_CONNECTION_WINDOW, H2_MAX_FRAME, H2_STREAM_WINDOW};
 use hub::{Hub, HubConfig};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,10 +28,6 @@ use tracing::{debug, info, warn, Instrument};
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// HTTP/2 flow-control windows and frame size (the agent's http2 transport uses the same).
-const H2_STREAM_WINDOW: u32 = 4 << 20;
-const H2_CONNECTION_WINDOW: u32 = 8 << 20;
-const H2_MAX_FRAME: u32 = 256 << 10;
 /// How long shutdown waits for sessions and requests to finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 

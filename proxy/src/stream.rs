@@ -4,16 +4,11 @@
 //! throughput is no longer bounded by one batch per HTTP round trip.
 
 use crate::hub::{Hub, HubError, InFlight, Link};
-use backhaul_common::reliable::{StreamCursor, StreamNext};
-use backhaul_common::transport::{BatchRx, BatchTx};
+use backhaul_common::reliable::StreamCursor;
+use backhaul_common::transport::{recv_within, write_batches, BatchRx, BatchTx};
 use backhaul_common::wire::BatchReader;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::time::Instant;
 use tracing::{debug, warn};
-
-/// How long an ack with nothing else to send may wait for a batch to ride on.
-const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// Smallest batch a stream starts with, whatever the agent asks.
 pub const MIN_BATCH: usize = 16 * 1024;
@@ -46,19 +41,16 @@ pub async fn serve<T: BatchTx, R: BatchRx>(
         from,
         batch,
     } = start;
-    let heartbeat = hub.cfg.poll_hold;
     let silence = hub.cfg.poll_hold + hub.cfg.agent_timeout;
     debug!(link.id = %link.id, backend.id = %link.backend, "agent streaming over {transport}");
 
     let reader = async {
         loop {
-            let batch = match tokio::time::timeout(silence, rx.recv()).await {
-                Err(_) => return format!("no word from the agent in {silence:?}"),
-                Ok(Err(e)) => return e.to_string(),
-                Ok(Ok(None)) => return "the agent ended the stream".to_string(),
-                Ok(Ok(Some(b))) => b,
+            let batch = match recv_within(&mut rx, silence, "agent").await {
+                Ok(b) => b,
+                Err(why) => return why,
             };
-            hub.heard_from(&link);
+            link.touch(0);
             let mut reader = BatchReader::from_message(batch);
             let delivered = hub.push_frames(&link, &mut reader).and_then(|()| {
                 reader.finish().map(|_| ()).map_err(|e| HubError::Protocol {
@@ -78,43 +70,22 @@ pub async fn serve<T: BatchTx, R: BatchRx>(
         }
     };
 
-    let writer = async {
-        let mut cursor = StreamCursor::new(from, batch, hub.cfg.max_batch_bytes);
-        // The first batch goes at once: it tells the agent where to resume its own sending.
-        let mut last_sent: Option<Instant> = None;
-        let mut ack_due: Option<Instant> = None;
-        loop {
-            let woken = link.woken();
+    let mut cursor = StreamCursor::new(from, batch, hub.cfg.max_batch_bytes);
+    // The first batch goes at once: it tells the agent where to resume its own sending.
+    let writer = write_batches(
+        &mut tx,
+        hub.cfg.poll_hold,
+        true,
+        || link.woken(),
+        |force| {
             hub.claim_pending(&link);
-            let now = Instant::now();
-            let heartbeat_due = last_sent.is_none_or(|t| now >= t + heartbeat);
-            let force = heartbeat_due || ack_due.is_some_and(|t| now >= t);
             match hub.stream_next(&link, generation, &mut cursor, force) {
-                Err(e) => return e.to_string(),
-                Ok(None) => return "a newer connection from the agent took over".to_string(),
-                Ok(Some(StreamNext::Batch(b))) => {
-                    if let Err(e) = tx.send(b).await {
-                        return e.to_string();
-                    }
-                    last_sent = Some(Instant::now());
-                    ack_due = None;
-                    continue;
-                }
-                Ok(Some(StreamNext::AckDue)) => {
-                    ack_due.get_or_insert(now + ACK_DELAY);
-                }
-                Ok(Some(StreamNext::Idle)) => {}
+                Err(e) => Err(e.to_string()),
+                Ok(None) => Err("a newer connection from the agent took over".to_string()),
+                Ok(Some(next)) => Ok(next),
             }
-            let mut wake_at = last_sent.map_or(now, |t| t + heartbeat);
-            if let Some(t) = ack_due {
-                wake_at = wake_at.min(t);
-            }
-            tokio::select! {
-                _ = woken => {}
-                _ = tokio::time::sleep_until(wake_at) => {}
-            }
-        }
-    };
+        },
+    );
 
     let why = tokio::select! {
         why = reader => why,
