@@ -196,17 +196,24 @@ async fn open_session(addr: SocketAddr) -> (TcpStream, f64) {
     (s, t.elapsed().as_secs_f64() * 1e6)
 }
 
-/// Opens `count` sessions, `parallel` at a time, each closed after its first echoed byte.
-/// Returns sorted set-up times in microseconds and sessions per second.
-async fn setups(addr: SocketAddr, count: usize, parallel: usize) -> (Vec<f64>, f64) {
-    let start = Instant::now();
+/// Opens `count` sessions (rounded down to a multiple of `parallel`), `parallel` at a time,
+/// spread over `entries`, and keeps what `keep` takes of each (the stream, to hold it open, or
+/// its set-up time, closing it at once).
+async fn open_many<T, K>(entries: &[SocketAddr], count: usize, parallel: usize, keep: K) -> Vec<T>
+where
+    T: Send + 'static,
+    K: Fn((TcpStream, f64)) -> T + Copy + Send + Sync + 'static,
+{
     let per = count / parallel;
+    let entries: Arc<[SocketAddr]> = entries.into();
     let tasks: Vec<_> = (0..parallel)
-        .map(|_| {
+        .map(|t| {
+            let entries = entries.clone();
             tokio::spawn(async move {
                 let mut out = Vec::with_capacity(per);
-                for _ in 0..per {
-                    out.push(open_session(addr).await.1);
+                for i in 0..per {
+                    let addr = entries[(t * per + i) % entries.len()];
+                    out.push(keep(open_session(addr).await));
                 }
                 out
             })
@@ -214,8 +221,16 @@ async fn setups(addr: SocketAddr, count: usize, parallel: usize) -> (Vec<f64>, f
         .collect();
     let mut all = Vec::with_capacity(count);
     for t in tasks {
-        all.extend(t.await.expect("set-up task"));
+        all.extend(t.await.expect("session-opening task"));
     }
+    all
+}
+
+/// Opens `count` sessions, `parallel` at a time, each closed after its first echoed byte.
+/// Returns sorted set-up times in microseconds and sessions per second.
+async fn setups(addr: SocketAddr, count: usize, parallel: usize) -> (Vec<f64>, f64) {
+    let start = Instant::now();
+    let mut all = open_many(&[addr], count, parallel, |(_, t)| t).await;
     let rate = all.len() as f64 / start.elapsed().as_secs_f64();
     all.sort_by(|a, b| a.total_cmp(b));
     (all, rate)
@@ -331,25 +346,7 @@ async fn idle_memory(service: SocketAddr, count: usize, o: &Opts) -> Value {
     };
     let before: Vec<f64> = roles.iter().map(|(_, p)| rss(p)).collect();
     let entries: Vec<SocketAddr> = frontends.iter().map(|f| f.addr()).collect();
-    let per_task = count / 32;
-    let entries = Arc::new(entries);
-    let tasks: Vec<_> = (0..32)
-        .map(|t| {
-            let entries = entries.clone();
-            tokio::spawn(async move {
-                let mut held = Vec::with_capacity(per_task);
-                for i in 0..per_task {
-                    let addr = entries[(t * per_task + i) % entries.len()];
-                    held.push(open_session(addr).await.0);
-                }
-                held
-            })
-        })
-        .collect();
-    let mut held = Vec::with_capacity(count);
-    for t in tasks {
-        held.extend(t.await.expect("idle task"));
-    }
+    let held = open_many(&entries, count, 32, |(stream, _)| stream).await;
     let sessions = held.len();
     let after: Vec<f64> = roles.iter().map(|(_, p)| rss(p)).collect();
     let mut per_role = serde_json::Map::new();
