@@ -25,6 +25,8 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// Sessions one frontend or backend process holds in the idle test: each holds two sockets
 /// per session, and the machine's descriptor limit is 20,000 per process.
 const SESSIONS_PER_PROCESS: usize = 5000;
+/// Processes in the plain forwarding chain: as many as the stack has, so both make five hops.
+const FORWARDERS: usize = 4;
 
 const USAGE: &str =
     "backhaul-bench: throughput, round trips, set-up and memory of backhaul next to direct TCP
@@ -39,7 +41,8 @@ options:
   --threads N         worker threads of each backhaul program (default 0: one per CPU, as shipped)
   --json PATH         write the results as JSON
   --chart JSON SVG    only draw the chart of a JSON result file
-  --serve             (internal) run the target service and print its address";
+  --serve             (internal) run the target service and print its address
+  --forward ADDR      (internal) forward every TCP connection to ADDR, for the plain chain";
 
 /// The target service, with three modes chosen by the client's first byte: `u` (upload: count
 /// bytes until EOF, answer with the count), `d` (download: send the 8-byte-announced count, then
@@ -99,6 +102,28 @@ async fn serve() {
                     }
                 }
             }
+        });
+    }
+}
+
+/// One link of the plain forwarding chain: copies bytes between each accepted connection and a
+/// new connection to `next`, with nothing added. Four of these in a row make the same five TCP
+/// hops as the stack, so the chain shows what the machine allows for five hops before any
+/// framing, acks or flow control.
+async fn forward(next: SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    println!(
+        "backhaul-bench forwarder: listening on {}",
+        l.local_addr().expect("addr")
+    );
+    while let Ok((mut a, _)) = l.accept().await {
+        tokio::spawn(async move {
+            let Ok(mut b) = TcpStream::connect(next).await else {
+                return;
+            };
+            let _ = a.set_nodelay(true);
+            let _ = b.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, CHUNK, CHUNK).await;
         });
     }
 }
@@ -642,6 +667,14 @@ async fn main() {
         serve().await;
         return;
     }
+    if let Some(next) = arg(&args, "--forward") {
+        let next = next.parse().unwrap_or_else(|_| {
+            eprintln!("backhaul-bench: --forward {next:?} is not an address");
+            std::process::exit(64)
+        });
+        forward(next).await;
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--chart") {
         let (Some(input), Some(output)) = (args.get(i + 1), args.get(i + 2)) else {
             eprintln!("backhaul-bench: --chart needs a JSON input and an SVG output\n\n{USAGE}");
@@ -695,6 +728,27 @@ async fn main() {
         "direct".into(),
         measure("direct TCP", target, &[], &o).await,
     );
+    {
+        let mut chain: Vec<Program> = Vec::new();
+        let mut next = target;
+        for _ in 0..FORWARDERS {
+            let p = Program::listening("backhaul-bench", &[s("--forward"), s(next)], &[]).await;
+            next = p.addr();
+            chain.push(p);
+        }
+        let procs: Vec<(&str, u32)> = chain
+            .iter()
+            .zip(["fwd1", "fwd2", "fwd3", "fwd4"])
+            .filter_map(|(p, n)| p.pid().map(|pid| (n, pid)))
+            .collect();
+        paths.insert(
+            "tcp-chain".into(),
+            measure("plain TCP through 4 forwarders", next, &procs, &o).await,
+        );
+        for mut p in chain {
+            p.kill().await;
+        }
+    }
     for t in &o.transports {
         let stack = Stack::start_with_env(
             StackOptions {
