@@ -312,6 +312,7 @@ impl Link {
             ws_config: Some(backhaul_common::transport::link_ws_config(
                 self.info.max_batch_bytes as usize,
             )),
+            direct_reads: true,
             ..DialOptions::default()
         };
         match dial(&url, &opts).await {

@@ -83,6 +83,9 @@ pub struct DialOptions {
     pub headers: Vec<(&'static str, String)>,
     /// WebSocket settings; `None` uses [`crate::ws_config`].
     pub ws_config: Option<tokio_tungstenite::tungstenite::protocol::WebSocketConfig>,
+    /// Let tungstenite read straight from the socket (see [`LazyRead::direct`]) instead of
+    /// through a lazily allocated buffer; for connections with a large `read_buffer_size`.
+    pub direct_reads: bool,
 }
 
 impl Default for DialOptions {
@@ -94,6 +97,7 @@ impl Default for DialOptions {
             use_env_proxy: true,
             headers: Vec::new(),
             ws_config: None,
+            direct_reads: false,
         }
     }
 }
@@ -200,7 +204,11 @@ async fn dial_inner(url: &Url, opts: &DialOptions) -> Result<Dialed, DialError> 
         request.headers_mut().insert(*name, v);
     }
     let config = opts.ws_config.unwrap_or_else(crate::ws_config);
-    let stream = LazyRead::new(stream);
+    let stream = if opts.direct_reads {
+        LazyRead::direct(stream)
+    } else {
+        LazyRead::new(stream)
+    };
     match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
         Ok((ws, resp)) => Ok(Dialed {
             ws,

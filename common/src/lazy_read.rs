@@ -22,6 +22,8 @@ pub const LAZY_READ_CHUNK: usize = 256 * 1024;
 pub struct LazyRead<S> {
     inner: S,
     buf: BytesMut,
+    /// Reads asking for at least this much go straight to the socket.
+    direct_from: usize,
 }
 
 impl<S> LazyRead<S> {
@@ -29,6 +31,17 @@ impl<S> LazyRead<S> {
         Self {
             inner,
             buf: BytesMut::new(),
+            direct_from: LAZY_READ_CHUNK,
+        }
+    }
+
+    /// Every read goes straight to the socket, into the reader's own buffer: for a connection
+    /// whose reader keeps a large buffer anyway (an agent link), where copying through ours would
+    /// only cost time.
+    pub fn direct(inner: S) -> Self {
+        Self {
+            direct_from: 0,
+            ..Self::new(inner)
         }
     }
 }
@@ -67,7 +80,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for LazyRead<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.buf.is_empty() {
-            if out.remaining() >= LAZY_READ_CHUNK {
+            if out.remaining() >= this.direct_from {
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
             std::task::ready!(this.poll_fill(cx, LAZY_READ_CHUNK))?;
