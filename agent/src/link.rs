@@ -40,6 +40,18 @@ const MIN_PUSH_BATCH: usize = 16 * 1024;
 const MAX_POLL_BODY_FACTOR: usize = 2;
 /// Longest the relay may take to accept a stream.
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Shortest limit [`within_relay_patience`] sets.
+const MIN_LIMIT: Duration = Duration::from_millis(500);
+
+/// `limit`, cut to half the time the relay keeps a link without hearing from its agent
+/// (`agent_timeout_ms`, 0 if the relay did not say), so that a request hanging on a dead
+/// connection is abandoned and retried while the relay still holds the link and its sessions.
+fn within_relay_patience(limit: Duration, agent_timeout_ms: u64) -> Duration {
+    if agent_timeout_ms == 0 {
+        return limit;
+    }
+    limit.min((Duration::from_millis(agent_timeout_ms) / 2).max(MIN_LIMIT))
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -286,6 +298,17 @@ impl Link {
         url
     }
 
+    /// Longest a stream may take to be set up.
+    fn setup_limit(&self) -> Duration {
+        within_relay_patience(STREAM_SETUP_TIMEOUT, self.info.agent_timeout_ms)
+    }
+
+    /// How long past the relay's hold time a poll's answer, or the relay's heartbeat on a
+    /// stream, may be late before the agent gives up on the connection and tries a new one.
+    fn grace(&self) -> Duration {
+        within_relay_patience(POLL_GRACE, self.info.agent_timeout_ms)
+    }
+
     async fn connect_ws(
         &self,
         ack: u64,
@@ -300,7 +323,7 @@ impl Link {
         let url =
             url::Url::parse(&url).map_err(|e| Spell::Refused(format!("bad URL {url}: {e}")))?;
         let opts = DialOptions {
-            timeout: STREAM_SETUP_TIMEOUT,
+            timeout: self.setup_limit(),
             tls: self.cfg.tls.clone(),
             use_env_proxy: true,
             headers: self
@@ -336,12 +359,9 @@ impl Link {
                 )
                 .body(reqwest::Body::wrap_stream(body)),
         );
-        let resp = match tokio::time::timeout(STREAM_SETUP_TIMEOUT, req.send()).await {
-            Err(_) => {
-                return Err(Spell::Refused(format!(
-                    "no answer within {STREAM_SETUP_TIMEOUT:?}"
-                )))
-            }
+        let limit = self.setup_limit();
+        let resp = match tokio::time::timeout(limit, req.send()).await {
+            Err(_) => return Err(Spell::Refused(format!("no answer within {limit:?}"))),
             Ok(Err(e)) => return Err(Spell::Refused(describe(&e))),
             Ok(Ok(r)) => r,
         };
@@ -379,7 +399,7 @@ impl Link {
         let reader = async {
             let mut start_tx = Some(start_tx);
             loop {
-                let batch = recv_within(&mut rx, hold + POLL_GRACE, "relay").await?;
+                let batch = recv_within(&mut rx, hold + self.grace(), "relay").await?;
                 let header = match self.absorb(batch, recv, tracker) {
                     Ok(h) => h,
                     Err(why) => return Ok(Spell::LinkGone(why)),
@@ -513,7 +533,7 @@ impl Link {
         let limit = self.info.max_batch_bytes as usize * MAX_POLL_BODY_FACTOR + 64 * 1024;
         loop {
             let url = format!("{}/poll?ack={}", self.url, recv.ack());
-            let req = self.request(self.client.get(url).timeout(hold + POLL_GRACE));
+            let req = self.request(self.client.get(url).timeout(hold + self.grace()));
             let outcome = tokio::select! {
                 r = self.poll_once(req, recv, limit, tracker) => r,
                 _ = self.done.cancelled() => return Spell::Shutdown,
@@ -857,4 +877,27 @@ pub fn describe(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_stay_within_the_relays_patience() {
+        // The default relay keeps a quiet link for 5 s: give up on a hung request after 2.5 s.
+        assert_eq!(
+            within_relay_patience(STREAM_SETUP_TIMEOUT, 5000),
+            Duration::from_millis(2500)
+        );
+        // A patient relay does not stretch the agent's own limit.
+        assert_eq!(
+            within_relay_patience(STREAM_SETUP_TIMEOUT, 600_000),
+            STREAM_SETUP_TIMEOUT
+        );
+        // An impatient one does not cut it below what a handshake needs.
+        assert_eq!(within_relay_patience(POLL_GRACE, 200), MIN_LIMIT);
+        // A relay that does not say keeps the agent's limits.
+        assert_eq!(within_relay_patience(POLL_GRACE, 0), POLL_GRACE);
+    }
 }

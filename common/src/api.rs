@@ -49,6 +49,11 @@ pub struct LinkInfo {
     pub window: u32,
     /// Largest batch body either side should send, in bytes (one frame may exceed it).
     pub max_batch_bytes: u32,
+    /// How long the relay keeps a link whose agent has no request open; the agent gives up on
+    /// a hung poll or stream set-up well within it, so its retry comes in time. 0: not said
+    /// (a relay older than this field).
+    #[serde(default)]
+    pub agent_timeout_ms: u64,
 }
 
 /// Payload of an OPEN frame: what the frontend asked for.

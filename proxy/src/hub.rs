@@ -233,6 +233,7 @@ impl Hub {
             poll_hold_ms: self.cfg.poll_hold.as_millis() as u64,
             window: self.cfg.window,
             max_batch_bytes: self.cfg.max_batch_bytes as u32,
+            agent_timeout_ms: self.cfg.agent_timeout.as_millis() as u64,
         }
     }
 
