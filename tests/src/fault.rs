@@ -1,5 +1,6 @@
 //! A TCP proxy that cuts every connection (with a reset) after a pseudo-random byte budget, to
-//! stand for proxies and networks that break HTTP exchanges half-way.
+//! stand for proxies and networks that break HTTP exchanges half-way; or, in stalling mode, goes
+//! silent there and holds the connection open, like a NAT or proxy that lost its state.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,16 @@ impl FaultInjector {
     /// Forwards to `upstream`, cutting each connection after between `min` and `max` bytes
     /// (both directions counted together).
     pub async fn start(upstream: SocketAddr, min: u64, max: u64) -> FaultInjector {
+        Self::start_with(upstream, min, max, false).await
+    }
+
+    /// Like [`FaultInjector::start`], but instead of cutting a connection it stops forwarding
+    /// and keeps both sides open without a word: only the peers' own timeouts end it.
+    pub async fn start_stalling(upstream: SocketAddr, min: u64, max: u64) -> FaultInjector {
+        Self::start_with(upstream, min, max, true).await
+    }
+
+    async fn start_with(upstream: SocketAddr, min: u64, max: u64, stall: bool) -> FaultInjector {
         let l = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind injector");
@@ -37,9 +48,22 @@ impl FaultInjector {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
-                    if relay_with_budget(client, server, budget).await {
-                        c.fetch_add(1, Ordering::Relaxed);
+                    let Some((client, server)) = relay_with_budget(client, server, budget).await
+                    else {
+                        return;
+                    };
+                    c.fetch_add(1, Ordering::Relaxed);
+                    if stall {
+                        let _held = (client, server);
+                        return std::future::pending::<()>().await;
                     }
+                    // Dropped with linger 0: both peers see a reset, as when a proxy kills a
+                    // connection. (The deprecation warns that a non-zero linger blocks on drop;
+                    // zero does not.)
+                    #[allow(deprecated)]
+                    let _ = client.set_linger(Some(std::time::Duration::ZERO));
+                    #[allow(deprecated)]
+                    let _ = server.set_linger(Some(std::time::Duration::ZERO));
                 });
             }
         });
@@ -60,8 +84,13 @@ impl FaultInjector {
     }
 }
 
-/// Copies both ways until `budget` bytes have passed; then resets both sides. True if cut.
-async fn relay_with_budget(mut client: TcpStream, mut server: TcpStream, budget: u64) -> bool {
+/// Copies both ways until `budget` bytes have passed, and then hands both sockets back; `None`
+/// if the connection ended first.
+async fn relay_with_budget(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    budget: u64,
+) -> Option<(TcpStream, TcpStream)> {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let left = AtomicU64::new(budget);
@@ -86,15 +115,7 @@ async fn relay_with_budget(mut client: TcpStream, mut server: TcpStream, budget:
             }
         }
     };
-    if cut {
-        // Drop with linger 0: both peers see a reset, as when a proxy kills a connection. (The
-        // deprecation warns that a non-zero linger blocks on drop; zero does not.)
-        #[allow(deprecated)]
-        let _ = client.set_linger(Some(std::time::Duration::ZERO));
-        #[allow(deprecated)]
-        let _ = server.set_linger(Some(std::time::Duration::ZERO));
-    }
-    cut
+    cut.then_some((client, server))
 }
 
 /// Copies `r` to `w` while the shared budget lasts. True when the budget ran out.

@@ -181,9 +181,18 @@ struct CutStack {
 }
 
 async fn cut_stack(agent_args: &[String]) -> CutStack {
-    let echo = services::echo().await;
     let relay = relay(&[], &[]).await;
     let injector = FaultInjector::start(relay.addr(), 32 * 1024, 256 * 1024).await;
+    faulty_stack(relay, injector, agent_args).await
+}
+
+/// An echo stack whose agent reaches `relay` through `injector`.
+async fn faulty_stack(
+    relay: backhaul_tests::Program,
+    injector: FaultInjector,
+    agent_args: &[String],
+) -> CutStack {
+    let echo = services::echo().await;
     let backend = backend(echo, &[]).await;
     let agent = agent(
         &format!("http://{}", injector.addr),
@@ -240,6 +249,50 @@ async fn cut_connections_lose_nothing_websocket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_connections_lose_nothing_http2() {
     cut_connections_lose_nothing("http2").await;
+}
+
+/// The agent on `transport` reaches a relay that gives up on a quiet agent after 2 s, through
+/// connections that go silent (no reset, no close) after 256 KiB-1 MiB. The agent must notice
+/// each stall and come back on a new connection before the relay gives up on it, so that no
+/// session is lost.
+async fn stalled_connections_lose_nothing(transport: &str) {
+    let relay = relay(
+        &[s("--poll-hold-secs"), s(1), s("--agent-timeout-secs"), s(2)],
+        &[],
+    )
+    .await;
+    let injector = FaultInjector::start_stalling(relay.addr(), 256 * 1024, 1024 * 1024).await;
+    let CutStack {
+        injector,
+        mut agent,
+        frontend,
+        _others,
+    } = faulty_stack(relay, injector, &[s("--transport"), s(transport)]).await;
+    agent
+        .wait_line(&format!("carried over {transport} (forced"))
+        .await;
+    echo_transfer(frontend.addr(), 5, 4 * MIB).await;
+    assert!(
+        injector.cuts() >= 3,
+        "only {} of {} connections stalled; the test proved nothing",
+        injector.cuts(),
+        injector.connections()
+    );
+    eprintln!(
+        "{transport}: {} of {} connections stalled",
+        injector.cuts(),
+        injector.connections()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connections_lose_nothing_websocket() {
+    stalled_connections_lose_nothing("websocket").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connections_lose_nothing_http2() {
+    stalled_connections_lose_nothing("http2").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
