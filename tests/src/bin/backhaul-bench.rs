@@ -34,6 +34,7 @@ const USAGE: &str =
 options:
   --gib N             GiB per direction for the bulk transfers (default 1)
   --conns N           connections for the parallel bulk transfers (default 8)
+  --rounds N          rounds of bulk transfers, every path in turn; medians reported (default 3)
   --rtts N            64-byte round trips (default 5000)
   --setups N          connections opened for the set-up figures (default 1000)
   --idle N[,N..]      idle session counts to hold open (default 1000,10000)
@@ -288,6 +289,8 @@ fn rss_kib(pid: u32) -> f64 {
 
 struct Opts {
     bytes: u64,
+    /// Rounds of bulk transfers; each round measures every path once, in turn.
+    rounds: usize,
     conns: usize,
     rtts: usize,
     setups: usize,
@@ -297,38 +300,87 @@ struct Opts {
     env: Vec<(String, String)>,
 }
 
-/// Everything measured on one path (direct, or the stack on one transport).
-async fn measure(label: &str, addr: SocketAddr, procs: &[(&str, u32)], o: &Opts) -> Value {
-    eprintln!("measuring {label} ...");
-    let cpu0: Vec<f64> = procs.iter().map(|(_, p)| cpu_seconds(*p)).collect();
-    let up1 = bulk(addr, o.bytes, 1, true).await;
-    let down1 = bulk(addr, o.bytes, 1, false).await;
-    let up_n = bulk(addr, o.bytes, o.conns, true).await;
-    let down_n = bulk(addr, o.bytes, o.conns, false).await;
-    let cpu1: Vec<f64> = procs.iter().map(|(_, p)| cpu_seconds(*p)).collect();
-    let r = rtts(addr, o.rtts).await;
-    let (seq, seq_rate) = setups(addr, o.setups, 1).await;
-    let (_, par_rate) = setups(addr, o.setups, 32).await;
-    let moved_gib = 4.0 * o.bytes as f64 / GIB;
-    let cpu: serde_json::Map<String, Value> = procs
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _))| (name.to_string(), json!((cpu1[i] - cpu0[i]) / moved_gib)))
-        .collect();
-    json!({
-        "upload_1_MBps": up1,
-        "download_1_MBps": down1,
-        "upload_n_MBps": up_n,
-        "download_n_MBps": down_n,
-        "rtt_p50_us": pct(&r, 0.5),
-        "rtt_p99_us": pct(&r, 0.99),
-        "rtt_p999_us": pct(&r, 0.999),
-        "setup_p50_us": pct(&seq, 0.5),
-        "setup_p99_us": pct(&seq, 0.99),
-        "sessions_per_s_sequential": seq_rate,
-        "sessions_per_s_32_parallel": par_rate,
-        "cpu_s_per_gib": cpu,
-    })
+/// One path under test: direct TCP, the plain forwarding chain, or the stack on one transport.
+struct Path {
+    name: String,
+    /// Where clients connect.
+    addr: SocketAddr,
+    /// The processes whose CPU time is counted (none for direct TCP).
+    procs: Vec<(String, u32)>,
+    /// MB/s of each bulk transfer kind ([`BULK`]), one entry per round.
+    bulk: [Vec<f64>; 4],
+    /// CPU seconds each process spent over all rounds of bulk transfers.
+    cpu: Vec<f64>,
+}
+
+/// The bulk transfers of a round: JSON key, connections (1 or `--conns`), upload or download.
+const BULK: [(&str, bool, bool); 4] = [
+    ("upload_1_MBps", false, true),
+    ("download_1_MBps", false, false),
+    ("upload_n_MBps", true, true),
+    ("download_n_MBps", true, false),
+];
+
+impl Path {
+    fn new(name: &str, addr: SocketAddr, procs: Vec<(String, u32)>) -> Path {
+        let cpu = vec![0.0; procs.len()];
+        Path {
+            name: name.to_string(),
+            addr,
+            procs,
+            bulk: Default::default(),
+            cpu,
+        }
+    }
+
+    /// One round of the four bulk transfers, adding to the CPU counts.
+    async fn bulk_round(&mut self, o: &Opts) {
+        let before: Vec<f64> = self.procs.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+        for (i, (_, many, up)) in BULK.iter().enumerate() {
+            let conns = if *many { o.conns } else { 1 };
+            self.bulk[i].push(bulk(self.addr, o.bytes, conns, *up).await);
+        }
+        for (i, (_, p)) in self.procs.iter().enumerate() {
+            self.cpu[i] += cpu_seconds(*p) - before[i];
+        }
+    }
+
+    /// The bulk figures (medians over the rounds, and every round), then round trips and
+    /// set-ups, measured now.
+    async fn finish(&self, o: &Opts) -> Value {
+        eprintln!("measuring round trips and set-ups over {} ...", self.name);
+        let r = rtts(self.addr, o.rtts).await;
+        let (seq, seq_rate) = setups(self.addr, o.setups, 1).await;
+        let (_, par_rate) = setups(self.addr, o.setups, 32).await;
+        let moved_gib = (4 * o.rounds) as f64 * o.bytes as f64 / GIB;
+        let cpu: serde_json::Map<String, Value> = self
+            .procs
+            .iter()
+            .zip(&self.cpu)
+            .map(|((name, _), c)| (name.clone(), json!(c / moved_gib)))
+            .collect();
+        let mut v = json!({
+            "rtt_p50_us": pct(&r, 0.5),
+            "rtt_p99_us": pct(&r, 0.99),
+            "rtt_p999_us": pct(&r, 0.999),
+            "setup_p50_us": pct(&seq, 0.5),
+            "setup_p99_us": pct(&seq, 0.99),
+            "sessions_per_s_sequential": seq_rate,
+            "sessions_per_s_32_parallel": par_rate,
+            "cpu_s_per_gib": cpu,
+        });
+        for (i, (key, _, _)) in BULK.iter().enumerate() {
+            let mut runs = self.bulk[i].clone();
+            v[*key] = json!(median(&mut runs));
+            v[format!("{key}_rounds")] = json!(self.bulk[i]);
+        }
+        v
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    pct(v, 0.5)
 }
 
 /// Holds `count` idle sessions through a stack sized for them (one frontend, agent and backend
@@ -434,8 +486,8 @@ fn print_tables(v: &Value) {
     };
     let conns = v["options"]["conns"].as_u64().unwrap_or(8);
     println!(
-        "\nthroughput, MB/s (ratio to direct TCP), {} GiB per direction",
-        v["options"]["gib"]
+        "\nthroughput, MB/s (ratio to direct TCP), {} GiB per direction, median of {} rounds",
+        v["options"]["gib"], v["options"]["rounds"]
     );
     println!(
         "{:<10} | {:>16} | {:>16} | {:>16} | {:>16}",
@@ -454,6 +506,27 @@ fn print_tables(v: &Value) {
             cell("upload_n_MBps"),
             cell("download_n_MBps")
         );
+    }
+    let chain = &v["paths"]["tcp-chain"];
+    if chain.is_object() {
+        println!(
+            "\nthroughput as a share of plain TCP through four forwarders (the same five hops)"
+        );
+        for (name, p) in paths
+            .iter()
+            .filter(|(n, _)| *n != "direct" && *n != "tcp-chain")
+        {
+            let cells: Vec<String> = [
+                "upload_1_MBps",
+                "download_1_MBps",
+                "upload_n_MBps",
+                "download_n_MBps",
+            ]
+            .iter()
+            .map(|k| format!("{:>16}", format!("{:.2}x", f(p, k) / f(chain, k).max(1e-9))))
+            .collect();
+            println!("{name:<10} | {}", cells.join(" | "));
+        }
     }
     println!("\nround trips of 64 bytes (µs) and session set-up");
     println!(
@@ -702,6 +775,7 @@ async fn main() {
     };
     let o = Opts {
         bytes: (gib * GIB) as u64,
+        rounds: parse(&args, "--rounds", 3usize).max(1),
         conns: parse(&args, "--conns", 8usize).max(1),
         rtts: parse(&args, "--rtts", 5000usize).max(1),
         setups: parse(&args, "--setups", 1000usize).max(32),
@@ -723,32 +797,26 @@ async fn main() {
 
     let mut service = Program::listening("backhaul-bench", &[s("--serve")], &[]).await;
     let target = service.addr();
-    let mut paths = serde_json::Map::new();
-    paths.insert(
-        "direct".into(),
-        measure("direct TCP", target, &[], &o).await,
-    );
-    {
-        let mut chain: Vec<Program> = Vec::new();
-        let mut next = target;
-        for _ in 0..FORWARDERS {
-            let p = Program::listening("backhaul-bench", &[s("--forward"), s(next)], &[]).await;
-            next = p.addr();
-            chain.push(p);
-        }
-        let procs: Vec<(&str, u32)> = chain
-            .iter()
-            .zip(["fwd1", "fwd2", "fwd3", "fwd4"])
-            .filter_map(|(p, n)| p.pid().map(|pid| (n, pid)))
-            .collect();
-        paths.insert(
-            "tcp-chain".into(),
-            measure("plain TCP through 4 forwarders", next, &procs, &o).await,
-        );
-        for mut p in chain {
-            p.kill().await;
-        }
+    // Every path stays up for the whole run and the rounds take them in turn, so that a change
+    // in the machine's speed during the run (common on shared VMs) touches all of them alike.
+    let mut paths = vec![Path::new("direct", target, Vec::new())];
+    let mut chain: Vec<Program> = Vec::new();
+    let mut next = target;
+    for _ in 0..FORWARDERS {
+        let p = Program::listening("backhaul-bench", &[s("--forward"), s(next)], &[]).await;
+        next = p.addr();
+        chain.push(p);
     }
+    paths.push(Path::new(
+        "tcp-chain",
+        next,
+        chain
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.pid().map(|pid| (format!("fwd{}", i + 1), pid)))
+            .collect(),
+    ));
+    let mut stacks = Vec::new();
     for t in &o.transports {
         let stack = Stack::start_with_env(
             StackOptions {
@@ -759,16 +827,34 @@ async fn main() {
             &o.env,
         )
         .await;
-        let procs: Vec<(&str, u32)> = [
+        let procs: Vec<(String, u32)> = [
             ("frontend", &stack.frontend),
             ("relay", &stack.relay),
             ("agent", &stack.agent),
             ("backend", &stack.backend),
         ]
         .iter()
-        .filter_map(|(n, p)| p.pid().map(|pid| (*n, pid)))
+        .filter_map(|(n, p)| p.pid().map(|pid| (n.to_string(), pid)))
         .collect();
-        paths.insert(t.clone(), measure(t, stack.entry(), &procs, &o).await);
+        paths.push(Path::new(t, stack.entry(), procs));
+        stacks.push(stack);
+    }
+    for round in 1..=o.rounds {
+        for p in &mut paths {
+            eprintln!(
+                "round {round} of {}: bulk transfers over {} ...",
+                o.rounds, p.name
+            );
+            p.bulk_round(&o).await;
+        }
+    }
+    let mut results = serde_json::Map::new();
+    for p in &paths {
+        results.insert(p.name.clone(), p.finish(&o).await);
+    }
+    drop(stacks);
+    for mut p in chain {
+        p.kill().await;
     }
     let mut idle = Vec::new();
     for n in &o.idle {
@@ -778,8 +864,8 @@ async fn main() {
         "command": args.join(" "),
         "date": std::process::Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%MZ").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
         "machine": machine(),
-        "options": {"gib": gib, "conns": o.conns, "rtts": o.rtts, "setups": o.setups, "threads": o.env[1].1},
-        "paths": paths,
+        "options": {"gib": gib, "rounds": o.rounds, "conns": o.conns, "rtts": o.rtts, "setups": o.setups, "threads": o.env[1].1},
+        "paths": results,
         "idle": idle,
     });
     print_tables(&result);
