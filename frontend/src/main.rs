@@ -30,6 +30,9 @@ struct Args {
     /// The backend to reach, as the agent names it with its --backend-id.
     #[arg(long, env = "BACKHAUL_BACKEND_ID")]
     backend_id: String,
+    /// Token the relay requires from frontends (its --client-token).
+    #[arg(long, env = "BACKHAUL_CLIENT_TOKEN", hide_env_values = true)]
+    client_token: Option<String>,
     /// Extra CA certificate (PEM) to trust for a wss:// relay.
     #[arg(long, env = "BACKHAUL_CA_CERT")]
     ca_cert: Option<PathBuf>,
@@ -74,6 +77,11 @@ async fn serve(args: Args) {
         dial: DialOptions {
             timeout: Duration::from_secs(args.connect_timeout_secs),
             tls,
+            headers: args
+                .client_token
+                .filter(|t| !t.is_empty())
+                .map(|t| vec![("Authorization", format!("Bearer {t}"))])
+                .unwrap_or_default(),
             ..DialOptions::default()
         },
         max_connections: args.max_connections,

@@ -34,6 +34,7 @@ fn full(b: impl Into<Bytes>) -> Body {
 pub struct Ctx {
     pub hub: Arc<Hub>,
     pub agent_token: Option<String>,
+    pub client_token: Option<String>,
     pub sessions: TaskTracker,
 }
 
@@ -95,9 +96,25 @@ pub async fn handle(
     } else if let Some((backend, rest)) = api::split_session_path(&path) {
         let backend = backend.to_string();
         let rest = rest.to_string();
-        frontend_session(ctx, peer, req, backend, rest).await
+        let refusal = unauthorized(
+            ctx.client_token.as_deref(),
+            &req,
+            "missing or wrong client token; give the frontend the relay's --client-token",
+        );
+        match refusal {
+            None => frontend_session(ctx, peer, req, backend, rest).await,
+            Some(resp) => {
+                warn!(client.addr = %peer, backend.id = %backend, "refused a session without the right client token");
+                resp
+            }
+        }
     } else if path == LINKS_PATH || path.starts_with(&format!("{LINKS_PATH}/")) {
-        match unauthorized(&ctx, &req) {
+        let refusal = unauthorized(
+            ctx.agent_token.as_deref(),
+            &req,
+            "missing or wrong agent token; give the agent the relay's --agent-token",
+        );
+        match refusal {
             None => agent_api(ctx, req, &path).await,
             Some(resp) => resp,
         }
@@ -112,21 +129,22 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// The refusal for an agent request without the right token, if one is required.
-fn unauthorized(ctx: &Ctx, req: &Request<Incoming>) -> Option<Response<Body>> {
-    let want = ctx.agent_token.as_ref()?;
+/// The refusal (401, saying `why`) for a request without the bearer token `want`, if one is
+/// required.
+fn unauthorized(
+    want: Option<&str>,
+    req: &Request<Incoming>,
+    why: &'static str,
+) -> Option<Response<Body>> {
+    let want = want?;
     let got = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    (!constant_time_eq(got.as_bytes(), want.as_bytes())).then(|| {
-        text(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong agent token; give the agent the relay's --agent-token",
-        )
-    })
+    (!constant_time_eq(got.as_bytes(), want.as_bytes()))
+        .then(|| text(StatusCode::UNAUTHORIZED, why))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

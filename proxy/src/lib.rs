@@ -37,6 +37,9 @@ pub struct Config {
     pub hub: HubConfig,
     /// Bearer token agents must present; `None` lets any agent register.
     pub agent_token: Option<String>,
+    /// Bearer token frontends (and other WebSocket clients of `/b/<id>`) must present; `None`
+    /// lets anyone who reaches the relay open sessions.
+    pub client_token: Option<String>,
     /// TLS for the listener; `None` serves plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -53,6 +56,7 @@ pub async fn run(
     let ctx = Arc::new(http::Ctx {
         hub: hub.clone(),
         agent_token: config.agent_token.clone(),
+        client_token: config.client_token.clone(),
         sessions: sessions.clone(),
     });
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);

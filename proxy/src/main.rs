@@ -22,6 +22,10 @@ struct Args {
     /// Token agents must send as "Authorization: Bearer <token>". Unset: any agent may register.
     #[arg(long, env = "BACKHAUL_AGENT_TOKEN", hide_env_values = true)]
     agent_token: Option<String>,
+    /// Token frontends must send as "Authorization: Bearer <token>" (their --client-token).
+    /// Unset: anyone who can reach the relay may open sessions to any connected backend.
+    #[arg(long, env = "BACKHAUL_CLIENT_TOKEN", hide_env_values = true)]
+    client_token: Option<String>,
     /// How long a poll waits for something to send before answering empty (keep well under the
     /// idle timeout of proxies on the agent's path, typically 60 s).
     #[arg(long, env = "BACKHAUL_POLL_HOLD_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
@@ -80,6 +84,7 @@ async fn serve(args: Args) {
             max_pending_per_backend: args.max_pending,
         },
         agent_token: args.agent_token.filter(|t| !t.is_empty()),
+        client_token: args.client_token.filter(|t| !t.is_empty()),
         tls,
     };
     let listener = backhaul_relay::bind(&args.listen)

@@ -165,6 +165,24 @@ impl Program {
     }
 
     /// Everything the program wrote to stderr so far.
+    /// Waits until its log (stderr) contains `needle`; returns the log. The log is a file, so
+    /// this looks again every 20 ms until [`READY_TIMEOUT`].
+    pub async fn wait_stderr(&self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let log = self.stderr();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} did not log {needle:?} within {READY_TIMEOUT:?}; stderr:\n{log}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }

@@ -160,6 +160,92 @@ async fn no_agent_for_the_backend_id() {
     );
 }
 
+/// With --agent-token and --client-token, the relay lets in only the agents and frontends that
+/// present them, and tells the others why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_keep_strangers_out() {
+    let echo = services::echo().await;
+    let relay = relay(
+        &[
+            s("--agent-token"),
+            s("agent-secret"),
+            s("--client-token"),
+            s("client-secret"),
+        ],
+        &[],
+    )
+    .await;
+    let relay_url = format!("http://{}", relay.addr());
+    let backend = backend(echo, &[]).await;
+    let backend_url = format!("ws://{}", backend.addr());
+
+    // An agent with the wrong token is refused and says why (it keeps retrying).
+    let stranger = backhaul_tests::Program::spawn(
+        "backhaul-agent",
+        &[
+            s("--relay"),
+            s(&relay_url),
+            s("--backend-id"),
+            s("guarded"),
+            s("--backend"),
+            s(&backend_url),
+        ],
+        &[(s("BACKHAUL_AGENT_TOKEN"), s("a-guess"))],
+    );
+    stranger
+        .wait_stderr("401 Unauthorized: missing or wrong agent token")
+        .await;
+    drop(stranger);
+    let _agent = agent(
+        &relay_url,
+        "guarded",
+        &backend_url,
+        &[s("--agent-token"), s("agent-secret")],
+        &[],
+    )
+    .await;
+
+    // A WebSocket client without the client token gets 401 and the reason.
+    let url = format!("ws://{}/b/guarded", relay.addr());
+    match step("ws connect", tokio_tungstenite::connect_async(url)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 401);
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
+            assert!(body.contains("client token"), "body: {body}");
+        }
+        other => panic!("expected HTTP 401, got {:?}", other.map(|_| ())),
+    }
+
+    // So does a frontend with the wrong token: its client is closed, its log says why.
+    let wrong = frontend(
+        &relay_url,
+        "guarded",
+        &[s("--client-token"), s("a-guess")],
+        &[],
+    )
+    .await;
+    let mut c = step("connect", TcpStream::connect(wrong.addr()))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    step("client closed", c.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(buf.is_empty(), "a refused session carried bytes");
+    wrong.wait_stderr("missing or wrong client token").await;
+
+    // The frontend with the right token (from the environment) carries bytes intact.
+    let right = frontend(
+        &relay_url,
+        "guarded",
+        &[],
+        &[(s("BACKHAUL_CLIENT_TOKEN"), s("client-secret"))],
+    )
+    .await;
+    echo_transfer(right.addr(), 21, 4 * MIB).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restarted_while_idle() {
     let mut stack = Stack::start(StackOptions::default()).await;
