@@ -38,6 +38,30 @@ async fn echo_transfer(entry: SocketAddr, seed: u64, len: u64) {
     assert_eq!(sent_hash, data::expected_hash(seed, len));
 }
 
+/// A WebSocket client of `url` must be refused with HTTP `status` and a body containing `needle`.
+async fn expect_ws_refused(url: String, status: u16, needle: &str) {
+    match step("ws connect", tokio_tungstenite::connect_async(url)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), status);
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
+            assert!(body.contains(needle), "body: {body}");
+        }
+        other => panic!("expected HTTP {status}, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// A client of `entry` that sends `hello` must see its connection end (end of stream or reset)
+/// within 10 s, with nothing carried back; `why` says what would be wrong otherwise.
+async fn expect_closed_promptly(entry: SocketAddr, hello: &[u8], why: &str) {
+    let mut c = step("connect", TcpStream::connect(entry)).await.unwrap();
+    let _ = c.write_all(hello).await;
+    let mut buf = Vec::new();
+    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "{why}");
+    assert!(buf.is_empty(), "a refused session carried bytes back");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_round_trip() {
     let mut stack = Stack::start(StackOptions::default()).await;
@@ -112,18 +136,12 @@ async fn target_refusing_closes_the_client_promptly() {
         ..Default::default()
     })
     .await;
-    let mut c = step("connect", TcpStream::connect(stack.entry()))
-        .await
-        .unwrap();
-    let _ = c.write_all(b"anyone there?").await;
-    let mut buf = Vec::new();
-    // Either end-of-stream or a reset: what matters is that it ends, and quickly.
-    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut buf)).await;
-    assert!(
-        r.is_ok(),
-        "client connection stayed open although the target refuses"
-    );
-    assert!(buf.is_empty());
+    expect_closed_promptly(
+        stack.entry(),
+        b"anyone there?",
+        "client connection stayed open although the target refuses",
+    )
+    .await;
     let log = stack.backend.stderr();
     assert!(
         log.contains("could not connect to target"),
@@ -136,23 +154,14 @@ async fn no_agent_for_the_backend_id() {
     let relay = relay(&[], &[]).await;
     let frontend = frontend(&format!("http://{}", relay.addr()), "nobody", &[], &[]).await;
     // A WebSocket client gets a clear HTTP error, not a hang.
-    let url = format!("ws://{}/b/nobody", relay.addr());
-    match step("ws connect", tokio_tungstenite::connect_async(url)).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            assert_eq!(resp.status().as_u16(), 503);
-            let body =
-                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
-            assert!(body.contains("no agent"), "body: {body}");
-        }
-        other => panic!("expected HTTP 503, got {:?}", other.map(|_| ())),
-    }
+    expect_ws_refused(format!("ws://{}/b/nobody", relay.addr()), 503, "no agent").await;
     // A TCP client of the frontend sees its connection closed promptly.
-    let mut c = step("connect", TcpStream::connect(frontend.addr()))
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut buf)).await;
-    assert!(r.is_ok(), "frontend kept the client waiting with no agent");
+    expect_closed_promptly(
+        frontend.addr(),
+        b"",
+        "frontend kept the client waiting with no agent",
+    )
+    .await;
     let log = frontend.stderr();
     assert!(
         log.contains("503"),
@@ -206,16 +215,12 @@ async fn tokens_keep_strangers_out() {
     .await;
 
     // A WebSocket client without the client token gets 401 and the reason.
-    let url = format!("ws://{}/b/guarded", relay.addr());
-    match step("ws connect", tokio_tungstenite::connect_async(url)).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            assert_eq!(resp.status().as_u16(), 401);
-            let body =
-                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
-            assert!(body.contains("client token"), "body: {body}");
-        }
-        other => panic!("expected HTTP 401, got {:?}", other.map(|_| ())),
-    }
+    expect_ws_refused(
+        format!("ws://{}/b/guarded", relay.addr()),
+        401,
+        "client token",
+    )
+    .await;
 
     // So does a frontend with the wrong token: its client is closed, its log says why.
     let wrong = frontend(
@@ -225,14 +230,12 @@ async fn tokens_keep_strangers_out() {
         &[],
     )
     .await;
-    let mut c = step("connect", TcpStream::connect(wrong.addr()))
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    step("client closed", c.read_to_end(&mut buf))
-        .await
-        .unwrap();
-    assert!(buf.is_empty(), "a refused session carried bytes");
+    expect_closed_promptly(
+        wrong.addr(),
+        b"hello?",
+        "frontend kept the client waiting although the relay refused it",
+    )
+    .await;
     wrong.wait_stderr("missing or wrong client token").await;
 
     // The frontend with the right token (from the environment) carries bytes intact.
@@ -817,15 +820,12 @@ async fn https_relay_with_a_private_ca() {
         &[],
     )
     .await;
-    let mut c = step("connect", TcpStream::connect(untrusting.addr()))
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut buf)).await;
-    assert!(
-        r.is_ok(),
-        "client kept waiting although TLS with the relay failed"
-    );
+    expect_closed_promptly(
+        untrusting.addr(),
+        b"",
+        "client kept waiting although TLS with the relay failed",
+    )
+    .await;
     let log = untrusting.stderr();
     assert!(
         log.contains("TLS"),
