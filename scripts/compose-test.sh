@@ -73,6 +73,11 @@ check_transfer() {
 echo "== data through the stack"
 check_transfer
 
+echo "== the relay refuses sessions without the client token"
+refusal=$(compose exec -T frontend busybox wget -q -O /dev/null http://relay:8080/b/sample 2>&1 || true)
+echo "$refusal" | grep -q '401' || fail "a session request without the client token was not refused with 401: $refusal"
+echo "without the token: $refusal"
+
 echo "== the agent's only way out is the egress proxy"
 # (Debian's busybox 1.35 wget crashes when given -T, so coreutils' timeout bounds it instead.)
 ip_of() {
