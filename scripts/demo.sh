@@ -55,6 +55,12 @@ web_port=$(wait_for "$work/web.out" "Serving HTTP" | sed -E 's/.* port ([0-9]+).
 pids+=($!)
 backend=$(addr_of "$work/backend.out")
 
+# Fresh tokens: the relay admits only this demo's agent and frontends. (In the environment, not
+# on command lines, where other users could read them in the process list.)
+export BACKHAUL_AGENT_TOKEN BACKHAUL_CLIENT_TOKEN
+BACKHAUL_AGENT_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+BACKHAUL_CLIENT_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+
 "$bin/backhaul-relay" --listen 127.0.0.1:0 > "$work/relay.out" 2> "$work/relay.err" &
 pids+=($!)
 relay=$(addr_of "$work/relay.out")
@@ -73,7 +79,7 @@ cat <<INFO
 backhaul is running:
   sample web service   127.0.0.1:$web_port   (the "private" service)
   backend              $backend
-  relay                http://$relay
+  relay                http://$relay   (client token $BACKHAUL_CLIENT_TOKEN)
   agent                serving backend id "demo", linked to the relay over $transport
                        (--transport longpoll|http2 to try the others)
   frontend             $front                (clients connect here)
@@ -81,7 +87,8 @@ backhaul is running:
 Try it:
   curl http://$front/
   curl -s http://$front/50MB.bin | sha256sum; sha256sum $work/site/50MB.bin
-  backhaul-frontend --stdio --relay http://$relay --backend-id demo   # (from target/release) stdin/stdout mode
+  BACKHAUL_CLIENT_TOKEN=$BACKHAUL_CLIENT_TOKEN \
+    target/release/backhaul-frontend --stdio --relay http://$relay --backend-id demo   # stdin/stdout mode
 
 Logs are in $work/*.err. Press Ctrl-C to stop.
 INFO
