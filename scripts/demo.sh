@@ -87,8 +87,8 @@ backhaul is running:
 Try it:
   curl http://$front/
   curl -s http://$front/50MB.bin | sha256sum; sha256sum $work/site/50MB.bin
-  # stdin/stdout mode (as an ssh ProxyCommand), from this directory:
-  BACKHAUL_CLIENT_TOKEN=$BACKHAUL_CLIENT_TOKEN target/release/backhaul-frontend --stdio --relay http://$relay --backend-id demo
+  # stdin/stdout mode (as an ssh ProxyCommand):
+  BACKHAUL_CLIENT_TOKEN=$BACKHAUL_CLIENT_TOKEN $bin/backhaul-frontend --stdio --relay http://$relay --backend-id demo
 
 Logs are in $work/*.err. Press Ctrl-C to stop.
 INFO
