@@ -143,8 +143,12 @@ fn unauthorized(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    (!constant_time_eq(got.as_bytes(), want.as_bytes()))
-        .then(|| text(StatusCode::UNAUTHORIZED, why))
+    (!constant_time_eq(got.as_bytes(), want.as_bytes())).then(|| {
+        let mut resp = text(StatusCode::UNAUTHORIZED, why);
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        resp
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -43,6 +43,13 @@ async fn expect_ws_refused(url: String, status: u16, needle: &str) {
     match step("ws connect", tokio_tungstenite::connect_async(url)).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), status);
+            if status == 401 {
+                assert_eq!(
+                    resp.headers().get("www-authenticate").map(|v| v.as_bytes()),
+                    Some(&b"Bearer"[..]),
+                    "a 401 must say which scheme it wants"
+                );
+            }
             let body =
                 String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
             assert!(body.contains(needle), "body: {body}");
