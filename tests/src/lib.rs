@@ -164,7 +164,6 @@ impl Program {
         self.addr.expect("program has a listening address")
     }
 
-    /// Everything the program wrote to stderr so far.
     /// Waits until its log (stderr) contains `needle`; returns the log. The log is a file, so
     /// this looks again every 20 ms until [`READY_TIMEOUT`].
     pub async fn wait_stderr(&self, needle: &str) -> String {
@@ -183,6 +182,7 @@ impl Program {
         }
     }
 
+    /// Everything the program wrote to stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
