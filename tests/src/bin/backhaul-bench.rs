@@ -321,6 +321,12 @@ const BULK: [(&str, bool, bool); 4] = [
     ("download_n_MBps", true, false),
 ];
 
+/// The column title of a bulk transfer kind, e.g. `upload x8`.
+fn bulk_label(many: bool, up: bool, conns: u64) -> String {
+    let dir = if up { "upload" } else { "download" };
+    format!("{dir} x{}", if many { conns } else { 1 })
+}
+
 impl Path {
     fn new(name: &str, addr: SocketAddr, procs: Vec<(String, u32)>) -> Path {
         let cpu = vec![0.0; procs.len()];
@@ -489,23 +495,19 @@ fn print_tables(v: &Value) {
         "\nthroughput, MB/s (ratio to direct TCP), {} GiB per direction, median of {} rounds",
         v["options"]["gib"], v["options"]["rounds"]
     );
-    println!(
-        "{:<10} | {:>16} | {:>16} | {:>16} | {:>16}",
-        "path",
-        "upload x1",
-        "download x1",
-        format!("upload x{conns}"),
-        format!("download x{conns}")
-    );
+    // A row of cells, one per bulk transfer kind in BULK's order.
+    let row = |name: &str, cell: &dyn Fn(&str, bool, bool) -> String| {
+        let cells: Vec<String> = BULK
+            .iter()
+            .map(|(k, many, up)| format!("{:>16}", cell(k, *many, *up)))
+            .collect();
+        println!("{name:<10} | {}", cells.join(" | "));
+    };
+    row("path", &|_, many, up| bulk_label(many, up, conns));
     for (name, p) in &paths {
-        let cell = |k: &str| format!("{:.0} ({:.2}x)", f(p, k), ratio(p, k));
-        println!(
-            "{name:<10} | {:>16} | {:>16} | {:>16} | {:>16}",
-            cell("upload_1_MBps"),
-            cell("download_1_MBps"),
-            cell("upload_n_MBps"),
-            cell("download_n_MBps")
-        );
+        row(name, &|k, _, _| {
+            format!("{:.0} ({:.2}x)", f(p, k), ratio(p, k))
+        });
     }
     let chain = &v["paths"]["tcp-chain"];
     if chain.is_object() {
@@ -516,16 +518,9 @@ fn print_tables(v: &Value) {
             .iter()
             .filter(|(n, _)| *n != "direct" && *n != "tcp-chain")
         {
-            let cells: Vec<String> = [
-                "upload_1_MBps",
-                "download_1_MBps",
-                "upload_n_MBps",
-                "download_n_MBps",
-            ]
-            .iter()
-            .map(|k| format!("{:>16}", format!("{:.2}x", f(p, k) / f(chain, k).max(1e-9))))
-            .collect();
-            println!("{name:<10} | {}", cells.join(" | "));
+            row(name, &|k, _, _| {
+                format!("{:.2}x", f(p, k) / f(chain, k).max(1e-9))
+            });
         }
     }
     println!("\nround trips of 64 bytes (µs) and session set-up");
@@ -581,12 +576,10 @@ fn chart(v: &Value) -> String {
         .unwrap_or_default();
     let colors = ["#888888", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"];
     let conns = v["options"]["conns"].as_u64().unwrap_or(8);
-    let metrics = [
-        ("upload_1_MBps", "upload x1".to_string()),
-        ("download_1_MBps", "download x1".to_string()),
-        ("upload_n_MBps", format!("upload x{conns}")),
-        ("download_n_MBps", format!("download x{conns}")),
-    ];
+    let metrics: Vec<(&str, String)> = BULK
+        .iter()
+        .map(|(k, many, up)| (*k, bulk_label(*many, *up, conns)))
+        .collect();
     let (w, bar_h, gap) = (760.0, 12.0, 10.0);
     let label_w = 110.0;
     let plot_w = w - label_w - 90.0;
