@@ -36,10 +36,8 @@ struct Args {
     /// which one carries the link and why), or force one of websocket, http2, longpoll.
     #[arg(long, env = "BACKHAUL_TRANSPORT", default_value = "auto")]
     transport: backhaul_agent::transport::TransportChoice,
-    /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
-    /// spends a little less CPU waking threads (see docs/benchmarks.md).
-    #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
-    threads: usize,
+    #[command(flatten)]
+    runtime: backhaul_common::runtime::RuntimeArgs,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -68,7 +66,7 @@ fn parse_url(what: &str, s: &str, schemes: &[&str]) -> url::Url {
 
 fn main() {
     let args = Args::parse();
-    backhaul_common::runtime::run("backhaul-agent", args.threads, serve(args));
+    backhaul_common::runtime::run("backhaul-agent", args.runtime, serve(args));
 }
 
 async fn serve(args: Args) {

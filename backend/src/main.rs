@@ -20,10 +20,8 @@ struct Args {
     /// Most sessions at once; further clients wait.
     #[arg(long, env = "BACKHAUL_MAX_SESSIONS", default_value_t = 20000)]
     max_sessions: usize,
-    /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
-    /// spends a little less CPU waking threads (see docs/benchmarks.md).
-    #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
-    threads: usize,
+    #[command(flatten)]
+    runtime: backhaul_common::runtime::RuntimeArgs,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -33,7 +31,7 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 
 fn main() {
     let args = Args::parse();
-    backhaul_common::runtime::run("backhaul-backend", args.threads, serve(args));
+    backhaul_common::runtime::run("backhaul-backend", args.runtime, serve(args));
 }
 
 async fn serve(args: Args) {

@@ -2,18 +2,27 @@
 
 use std::future::Future;
 
-/// Runs `main` on a multi-threaded runtime with `threads` workers (0: one per CPU), on a worker
-/// rather than on the calling thread, so the program's main loop and its session tasks share
+/// The runtime flag every program takes (flattened into its arguments).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct RuntimeArgs {
+    /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
+    /// spends a little less CPU waking threads (see docs/benchmarks.md).
+    #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Runs `main` on a multi-threaded runtime with `args.threads` workers (0: one per CPU), on a
+/// worker rather than on the calling thread, so the program's main loop and its session tasks share
 /// the pool and hand work to each other without waking a thread outside it.
-pub fn run<F>(program: &str, threads: usize, main: F) -> F::Output
+pub fn run<F>(program: &str, args: RuntimeArgs, main: F) -> F::Output
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if threads > 0 {
-        builder.worker_threads(threads);
+    if args.threads > 0 {
+        builder.worker_threads(args.threads);
     }
     let rt = match builder.build() {
         Ok(rt) => rt,

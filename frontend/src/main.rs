@@ -42,10 +42,8 @@ struct Args {
     /// Most connections carried at once; further clients wait to be accepted.
     #[arg(long, env = "BACKHAUL_MAX_CONNECTIONS", default_value_t = 20000)]
     max_connections: usize,
-    /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
-    /// spends a little less CPU waking threads (see docs/benchmarks.md).
-    #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
-    threads: usize,
+    #[command(flatten)]
+    runtime: backhaul_common::runtime::RuntimeArgs,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -55,7 +53,7 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 
 fn main() {
     let args = Args::parse();
-    backhaul_common::runtime::run("backhaul-frontend", args.threads, serve(args));
+    backhaul_common::runtime::run("backhaul-frontend", args.runtime, serve(args));
 }
 
 async fn serve(args: Args) {

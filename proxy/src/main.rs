@@ -48,10 +48,8 @@ struct Args {
     /// Most sessions waiting for an agent per backend.
     #[arg(long, env = "BACKHAUL_MAX_PENDING", default_value_t = 1024)]
     max_pending: usize,
-    /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
-    /// spends a little less CPU waking threads (see docs/benchmarks.md).
-    #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
-    threads: usize,
+    #[command(flatten)]
+    runtime: backhaul_common::runtime::RuntimeArgs,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -61,7 +59,7 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 
 fn main() {
     let args = Args::parse();
-    backhaul_common::runtime::run("backhaul-relay", args.threads, serve(args));
+    backhaul_common::runtime::run("backhaul-relay", args.runtime, serve(args));
 }
 
 async fn serve(args: Args) {
