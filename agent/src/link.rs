@@ -9,7 +9,7 @@ use crate::transport::{Transport, QUICK_BREAKS_BEFORE_FALLBACK, RETRY_FASTER_AFT
 use crate::{Clients, Config};
 use backhaul_common::api::{LinkInfo, OpenRequest, Opened};
 use backhaul_common::backoff::Backoff;
-use backhaul_common::dial::{dial, DialOptions, Dialed};
+use backhaul_common::dial::{bearer_headers, dial, DialOptions, Dialed};
 use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor};
 use backhaul_common::session::{new_session, pump, FrameSink, SessionHandle};
 use backhaul_common::transport::{
@@ -326,12 +326,7 @@ impl Link {
             timeout: self.setup_limit(),
             tls: self.cfg.tls.clone(),
             use_env_proxy: true,
-            headers: self
-                .cfg
-                .agent_token
-                .as_ref()
-                .map(|t| vec![("Authorization", format!("Bearer {t}"))])
-                .unwrap_or_default(),
+            headers: bearer_headers(self.cfg.agent_token.as_deref()),
             ws_config: Some(backhaul_common::transport::link_ws_config(
                 self.info.max_batch_bytes as usize,
             )),

@@ -88,6 +88,14 @@ pub struct DialOptions {
     pub direct_reads: bool,
 }
 
+/// Handshake headers (for [`DialOptions::headers`]) presenting `token` as a bearer token; none
+/// without a token.
+pub fn bearer_headers(token: Option<&str>) -> Vec<(&'static str, String)> {
+    token
+        .map(|t| vec![("Authorization", format!("Bearer {t}"))])
+        .unwrap_or_default()
+}
+
 impl Default for DialOptions {
     fn default() -> Self {
         Self {

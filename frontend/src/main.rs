@@ -1,4 +1,4 @@
-use backhaul_common::dial::DialOptions;
+use backhaul_common::dial::{bearer_headers, DialOptions};
 use backhaul_common::telemetry;
 use backhaul_frontend::Config;
 use clap::Parser;
@@ -75,11 +75,7 @@ async fn serve(args: Args) {
         dial: DialOptions {
             timeout: Duration::from_secs(args.connect_timeout_secs),
             tls,
-            headers: args
-                .client_token
-                .filter(|t| !t.is_empty())
-                .map(|t| vec![("Authorization", format!("Bearer {t}"))])
-                .unwrap_or_default(),
+            headers: bearer_headers(args.client_token.as_deref().filter(|t| !t.is_empty())),
             ..DialOptions::default()
         },
         max_connections: args.max_connections,
