@@ -307,29 +307,37 @@ async fn faulty_stack(
     }
 }
 
+impl CutStack {
+    /// Once the agent says it is on `transport` (forced), `len` bytes of stream `seed` must echo
+    /// intact through the injector, which must have `struck` (cut or stalled) at least
+    /// `min_struck` connections meanwhile, or the test proved nothing.
+    async fn echoes_through_faults(
+        mut self,
+        transport: &str,
+        seed: u64,
+        len: u64,
+        min_struck: u64,
+        struck: &str,
+    ) {
+        self.agent
+            .wait_line(&format!("carried over {transport} (forced"))
+            .await;
+        echo_transfer(self.frontend.addr(), seed, len).await;
+        let (hit, all) = (self.injector.cuts(), self.injector.connections());
+        assert!(
+            hit >= min_struck,
+            "the injector {struck} only {hit} of {all} connections; the test proved nothing"
+        );
+        eprintln!("{transport}: the injector {struck} {hit} of {all} connections");
+    }
+}
+
 /// The agent on `transport` behind the injector: 64 MiB must still echo intact.
 async fn cut_connections_lose_nothing(transport: &str) {
-    let CutStack {
-        injector,
-        mut agent,
-        frontend,
-        _others,
-    } = cut_stack(&[s("--transport"), s(transport)]).await;
-    agent
-        .wait_line(&format!("carried over {transport} (forced"))
+    cut_stack(&[s("--transport"), s(transport)])
+        .await
+        .echoes_through_faults(transport, 99, 64 * MIB, 11, "cut")
         .await;
-    echo_transfer(frontend.addr(), 99, 64 * MIB).await;
-    assert!(
-        injector.cuts() > 10,
-        "the injector cut only {} of {} connections; the test proved nothing",
-        injector.cuts(),
-        injector.connections()
-    );
-    eprintln!(
-        "{transport}: injector cut {} of {} connections",
-        injector.cuts(),
-        injector.connections()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,27 +366,10 @@ async fn stalled_connections_lose_nothing(transport: &str) {
     )
     .await;
     let injector = FaultInjector::start_stalling(relay.addr(), 256 * 1024, 1024 * 1024).await;
-    let CutStack {
-        injector,
-        mut agent,
-        frontend,
-        _others,
-    } = faulty_stack(relay, injector, &[s("--transport"), s(transport)]).await;
-    agent
-        .wait_line(&format!("carried over {transport} (forced"))
+    faulty_stack(relay, injector, &[s("--transport"), s(transport)])
+        .await
+        .echoes_through_faults(transport, 5, 4 * MIB, 3, "stalled")
         .await;
-    echo_transfer(frontend.addr(), 5, 4 * MIB).await;
-    assert!(
-        injector.cuts() >= 3,
-        "only {} of {} connections stalled; the test proved nothing",
-        injector.cuts(),
-        injector.connections()
-    );
-    eprintln!(
-        "{transport}: {} of {} connections stalled",
-        injector.cuts(),
-        injector.connections()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
