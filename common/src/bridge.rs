@@ -136,7 +136,14 @@ where
                             "data arrived after the end-of-stream marker".into(),
                         );
                     }
-                    if let Err(e) = tcp_write.write_all(&b).await {
+                    // Flush every chunk: a TCP socket's flush is free, but stdout (--stdio)
+                    // buffers by line, and interactive peers (ssh) wait for bytes that never
+                    // end in a newline.
+                    let written = match tcp_write.write_all(&b).await {
+                        Ok(()) => tcp_write.flush().await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = written {
                         let reason = format!("TCP write failed: {e}");
                         let _ = sink
                             .lock()

@@ -82,22 +82,27 @@ async fn serve(args: Args) {
     };
 
     if args.stdio {
-        match backhaul_frontend::carry(&config, tokio::io::stdin(), tokio::io::stdout()).await {
+        // Exit as soon as the session ends: tokio reads stdin on a blocking thread that the
+        // runtime would otherwise wait for, and ssh may keep our stdin open until we go.
+        let code = match backhaul_frontend::carry(&config, tokio::io::stdin(), tokio::io::stdout())
+            .await
+        {
             Ok(summary) => {
                 backhaul_frontend::log_summary(&summary);
-                if !matches!(summary.end, backhaul_common::bridge::BridgeEnd::Clean) {
-                    std::process::exit(1);
-                }
+                i32::from(!matches!(
+                    summary.end,
+                    backhaul_common::bridge::BridgeEnd::Clean
+                ))
             }
             Err(e) => {
                 eprintln!(
                     "backhaul-frontend: could not open a session to {}: {e:#}",
                     config.url
                 );
-                std::process::exit(1);
+                1
             }
-        }
-        return;
+        };
+        std::process::exit(code);
     }
 
     let listen = args.listen.unwrap_or_default();
