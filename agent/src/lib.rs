@@ -31,8 +31,11 @@ pub struct Config {
     /// The relay's base URL (`http://` or `https://`), without a trailing slash.
     pub relay: url::Url,
     pub backend_id: String,
-    /// The backend's WebSocket URL; a session's path is appended to its path.
+    /// The backend's WebSocket URL; a session's path is appended to its path (see
+    /// `api::backend_url`).
     pub backend: url::Url,
+    /// Largest WebSocket message the backend may send; a larger one is refused with 1009.
+    pub max_message: u64,
     pub agent_token: Option<String>,
     /// TLS settings for an https:// relay and a wss:// backend.
     pub tls: Option<Arc<rustls::ClientConfig>>,
@@ -46,22 +49,6 @@ impl Config {
     /// The relay URL as a string without a trailing slash.
     pub fn relay_base(&self) -> String {
         self.relay.as_str().trim_end_matches('/').to_string()
-    }
-
-    /// The backend URL for a session whose path (and query) is `path`.
-    pub fn backend_url(&self, path: &str) -> String {
-        let base = self.backend.as_str();
-        let (base, base_query) = match base.split_once('?') {
-            Some((b, q)) => (b, Some(q)),
-            None => (base, None),
-        };
-        let base = base.trim_end_matches('/');
-        let path = if path.is_empty() { "/" } else { path };
-        match base_query {
-            None => format!("{base}{path}"),
-            Some(q) if path.contains('?') => format!("{base}{path}&{q}"),
-            Some(q) => format!("{base}{path}?{q}"),
-        }
     }
 }
 
@@ -210,6 +197,7 @@ mod tests {
             relay: url::Url::parse("http://r:1/").unwrap(),
             backend_id: "x".into(),
             backend: url::Url::parse(backend).unwrap(),
+            max_message: 1 << 20,
             agent_token: None,
             tls: None,
             max_sessions: 1,
@@ -219,18 +207,7 @@ mod tests {
     }
 
     #[test]
-    fn backend_urls_join_paths_and_queries() {
-        assert_eq!(cfg("ws://b:9").backend_url(""), "ws://b:9/");
-        assert_eq!(cfg("ws://b:9/").backend_url("/x?y=1"), "ws://b:9/x?y=1");
-        assert_eq!(cfg("ws://b:9/base").backend_url("/x"), "ws://b:9/base/x");
-        assert_eq!(
-            cfg("ws://b:9/base?k=v").backend_url("/x"),
-            "ws://b:9/base/x?k=v"
-        );
-        assert_eq!(
-            cfg("ws://b:9/?k=v").backend_url("/x?y=1"),
-            "ws://b:9/x?y=1&k=v"
-        );
-        assert_eq!(cfg("http://r:1/").relay_base(), "http://r:1");
+    fn relay_base_has_no_trailing_slash() {
+        assert_eq!(cfg("ws://b:9").relay_base(), "http://r:1");
     }
 }

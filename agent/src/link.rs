@@ -7,15 +7,17 @@
 
 use crate::transport::{Transport, QUICK_BREAKS_BEFORE_FALLBACK, RETRY_FASTER_AFTER, STABLE_AFTER};
 use crate::{Clients, Config};
+use backhaul_common::api::FORWARDED_HEADERS;
 use backhaul_common::api::{LinkInfo, OpenRequest, Opened};
 use backhaul_common::backoff::Backoff;
 use backhaul_common::dial::{bearer_headers, dial, DialOptions, Dialed};
 use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor};
-use backhaul_common::session::{new_session, pump, FrameSink, SessionHandle};
+use backhaul_common::session::{new_session, pump, FrameSink, SessionHandle, WsSide};
 use backhaul_common::transport::{
     recv_within, write_batches, BatchRx, BatchTx, ChannelTx, ChunkRx, ChunkSource,
 };
 use backhaul_common::wire::{decode_batch, BatchHeader, BatchReader, Frame, Kind};
+use backhaul_common::ws::Role;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -327,14 +329,20 @@ impl Link {
             tls: self.cfg.tls.clone(),
             use_env_proxy: true,
             headers: bearer_headers(self.cfg.agent_token.as_deref()),
-            ws_config: Some(backhaul_common::transport::link_ws_config(
-                self.info.max_batch_bytes as usize,
-            )),
-            direct_reads: true,
             ..DialOptions::default()
         };
         match dial(&url, &opts).await {
-            Ok(Dialed { ws, .. }) => Ok(backhaul_common::transport::ws_halves(ws)),
+            Ok(Dialed { io, .. }) => {
+                let config =
+                    backhaul_common::transport::link_ws_config(self.info.max_batch_bytes as usize);
+                let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    io,
+                    tokio_tungstenite::tungstenite::protocol::Role::Client,
+                    Some(config),
+                )
+                .await;
+                Ok(backhaul_common::transport::ws_halves(ws))
+            }
             Err(backhaul_common::dial::DialError::Http { status: 404, .. }) => {
                 Err(Spell::LinkGone(LINK_GONE.into()))
             }
@@ -780,29 +788,41 @@ impl Link {
         );
         tracker.spawn(
             async move {
-                let url = link.cfg.backend_url(&open.path);
+                let url = match backhaul_common::api::backend_url(&link.cfg.backend, &open.path) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        warn!("refusing a session for a path outside --backend: {e}");
+                        link.send(Frame::close(
+                            id,
+                            1008,
+                            &format!("agent refused the session: {e}"),
+                        ));
+                        lock(&link.sessions).remove(&id);
+                        return;
+                    }
+                };
                 let dial_opts = DialOptions {
                     timeout: link.cfg.connect_timeout,
                     tls: link.cfg.tls.clone(),
                     protocols: open.protocols.clone(),
                     // HTTP(S)_PROXY is for reaching the relay; the backend is local.
                     use_env_proxy: false,
-                    ..DialOptions::default()
+                    headers: forwardable(open.headers),
                 };
-                let dialed = match url::Url::parse(&url) {
-                    Ok(u) => dial(&u, &dial_opts).await.map_err(anyhow::Error::from),
-                    Err(e) => Err(anyhow::anyhow!("bad backend URL {url}: {e}")),
-                };
-                match dialed {
-                    Ok(Dialed { ws, protocol }) => {
+                match dial(&url, &dial_opts).await {
+                    Ok(Dialed { io, protocol }) => {
                         debug!("connected to backend {url}");
                         let opened = serde_json::to_vec(&Opened { protocol }).unwrap_or_default();
                         link.send(Frame::new(Kind::Opened, 0, id, Bytes::from(opened)));
-                        let summary = pump(ws, peer, Arc::new(Sink(link.clone()))).await;
+                        let side = WsSide {
+                            role: Role::Client,
+                            max_message: link.cfg.max_message,
+                        };
+                        let summary = pump(io, side, peer, Arc::new(Sink(link.clone()))).await;
                         info!(
                             bytes.to_backend = summary.received,
                             bytes.from_backend = summary.sent,
-                            "session ended: {:?}",
+                            "session ended: {}",
                             summary.ending
                         );
                     }
@@ -819,7 +839,22 @@ impl Link {
     }
 }
 
-type RelayStream = backhaul_common::lazy_read::LazyRead<backhaul_common::dial::MaybeTlsStream>;
+type RelayStream = backhaul_common::dial::WsIo;
+
+/// The relay's OPEN headers that the agent passes on: only [`FORWARDED_HEADERS`], whatever the
+/// relay sent.
+fn forwardable(headers: Vec<(String, String)>) -> Vec<(String, String)> {
+    headers
+        .into_iter()
+        .filter(|(name, _)| {
+            let ok = FORWARDED_HEADERS.contains(&name.to_ascii_lowercase().as_str());
+            if !ok {
+                debug!("not passing header {name:?} from the relay to the backend");
+            }
+            ok
+        })
+        .collect()
+}
 
 /// How a spell on one transport ended.
 enum Spell {

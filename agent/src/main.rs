@@ -26,6 +26,10 @@ struct Args {
     /// Extra CA certificate (PEM) to trust for an https:// relay or a wss:// backend.
     #[arg(long, env = "BACKHAUL_CA_CERT")]
     ca_cert: Option<PathBuf>,
+    /// Largest WebSocket message the backend may send, in KiB; a larger one closes the session
+    /// with code 1009 ("message too big") and says the limit.
+    #[arg(long, env = "BACKHAUL_MAX_MESSAGE_KIB", default_value_t = backhaul_common::DEFAULT_MAX_MESSAGE_KIB, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    max_message_kib: u64,
     /// Most sessions served at once.
     #[arg(long, env = "BACKHAUL_MAX_SESSIONS", default_value_t = 20000)]
     max_sessions: usize,
@@ -84,6 +88,7 @@ async fn serve(args: Args) {
         relay,
         backend_id: args.backend_id,
         backend,
+        max_message: args.max_message_kib * 1024,
         agent_token: args.agent_token.filter(|t| !t.is_empty()),
         tls,
         max_sessions: args.max_sessions,

@@ -3,15 +3,14 @@
 #![forbid(unsafe_code)]
 
 use backhaul_common::bridge::{self, BridgeEnd};
-use futures_util::{SinkExt, StreamExt};
+use backhaul_common::ws::{switching_protocols, websocket_key, Role, WsReader, WsWriter};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -68,31 +67,58 @@ pub async fn run(
     Ok(())
 }
 
-// The handshake callback's error type is fixed by tungstenite; clippy's size lint does not apply.
-#[allow(clippy::result_large_err)]
+type Body = http_body_util::Full<bytes::Bytes>;
+
+fn refusal(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::from(format!("{msg}\n")));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Serves one connection: a WebSocket handshake (refusing anything else), then the session.
 async fn session(stream: TcpStream, config: &Config) {
-    let mut path = String::new();
-    let callback = |req: &Request, resp: Response| {
-        path = req.uri().to_string();
-        Ok(resp)
-    };
-    let accepted = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::accept_hdr_async_with_config(
-            backhaul_common::lazy_read::LazyRead::new(stream),
-            callback,
-            Some(backhaul_common::ws_config()),
-        ),
-    )
-    .await;
-    let mut ws = match accepted {
-        Ok(Ok(ws)) => ws,
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let service = hyper::service::service_fn(|mut req: Request<Incoming>| {
+        let resp = match websocket_key(&req) {
+            None => refusal(
+                StatusCode::UPGRADE_REQUIRED,
+                "backhaul-backend carries WebSocket sessions; it is dialed by backhaul-agent",
+            ),
+            Some(key) => {
+                let upgrade = hyper::upgrade::on(&mut req);
+                let path = req.uri().to_string();
+                if let Some(tx) = tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let _ = tx.send((upgrade, path));
+                }
+                switching_protocols(&key, None)
+            }
+        };
+        async move { Ok::<_, std::convert::Infallible>(resp) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn).await {
+        Ok(Ok(())) => {}
         Ok(Err(e)) => {
             debug!("WebSocket handshake failed: {e}");
             return;
         }
         Err(_) => {
             debug!("WebSocket handshake timed out");
+            return;
+        }
+    }
+    let Ok((upgrade, path)) = rx.await else {
+        return; // the connection ended without asking for a WebSocket
+    };
+    let ws = match upgrade.await {
+        Ok(u) => TokioIo::new(u),
+        Err(e) => {
+            debug!("WebSocket upgrade failed: {e}");
             return;
         }
     };
@@ -113,23 +139,20 @@ async fn session(stream: TcpStream, config: &Config) {
                 config.target
             );
             warn!(path = %path, "{reason}");
-            let frame = CloseFrame {
-                code: CloseCode::Error,
-                reason: reason.into(),
-            };
-            let _ = ws.send(Message::Close(Some(frame))).await;
+            let (r, w) = tokio::io::split(ws);
+            let mut ws_tx = WsWriter::new(w, Role::Server);
+            let _ = ws_tx.close(Some((1011, &reason))).await;
             // Wait briefly for the close handshake so the reason reaches the client.
-            let _ = tokio::time::timeout(bridge::CLOSE_WAIT, async {
-                while let Some(Ok(_)) = ws.next().await {}
-            })
-            .await;
+            WsReader::new(r, Role::Server, 0)
+                .drain(bridge::CLOSE_WAIT)
+                .await;
             return;
         }
     };
     let _ = target.set_nodelay(true);
     debug!(path = %path, "connected to target {}", config.target);
     let (r, w) = target.into_split();
-    let summary = bridge::run(r, w, ws).await;
+    let summary = bridge::run(r, w, ws, Role::Server).await;
     match &summary.end {
         BridgeEnd::Clean => info!(
             bytes.to_target = summary.from_ws,
@@ -139,7 +162,7 @@ async fn session(stream: TcpStream, config: &Config) {
         end => info!(
             bytes.to_target = summary.from_ws,
             bytes.from_target = summary.to_ws,
-            "session ended early: {end:?}"
+            "session ended early: {end}"
         ),
     }
 }

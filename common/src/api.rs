@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the agent protocol spoken by this build. Sent in [`Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Where agents register links; link URLs live below it.
 pub const LINKS_PATH: &str = "/agent/v1/links";
 /// Frontends' WebSocket URLs start with this, followed by the backend ID.
@@ -23,6 +23,28 @@ pub const SESSION_PREFIX: &str = "/b/";
 pub const BATCH_CONTENT_TYPE: &str = "application/x-backhaul-batch";
 /// Content type of HTTP/2 stream bodies (length-prefixed batches).
 pub const BATCH_STREAM_CONTENT_TYPE: &str = "application/x-backhaul-batch-stream";
+/// Longest session path (with its query) the relay accepts; longer ones get 414.
+pub const MAX_SESSION_PATH: usize = 4096;
+/// Most bytes of headers (names and values) an OPEN may carry; more gets 431.
+pub const MAX_OPEN_HEADER_BYTES: usize = 8 * 1024;
+/// Most subprotocols a client may offer, and their total length; more gets 400.
+pub const MAX_PROTOCOLS: usize = 16;
+pub const MAX_PROTOCOL_BYTES: usize = 1024;
+
+/// The client handshake headers the relay passes to the backend, beside the subprotocols. The
+/// relay's own credential never goes further: `authorization` is passed only by a relay without
+/// `--client-token`. The relay adds `x-forwarded-for`, `-proto` and `-host`.
+pub const FORWARDED_HEADERS: &[&str] = &[
+    "origin",
+    "user-agent",
+    "cookie",
+    "accept-language",
+    "authorization",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
 /// Longest backend ID accepted.
 pub const MAX_BACKEND_ID_LEN: usize = 64;
 
@@ -59,8 +81,14 @@ pub struct LinkInfo {
 /// Payload of an OPEN frame: what the frontend asked for.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct OpenRequest {
-    /// Path and query to request from the backend (the part after `/b/<id>`), starting with `/`.
+    /// The part of the client's request target after `/b/<id>`: a path that is empty or starts
+    /// with `/`, then `?query` if the client sent one. See [`backend_url`] for how the agent
+    /// joins it to its `--backend` URL.
     pub path: String,
+    /// The client's handshake headers that reach the backend ([`FORWARDED_HEADERS`]), and the
+    /// `X-Forwarded-*` headers the relay adds, as (lower-case name, value).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
     /// WebSocket subprotocols the client offered, in its order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protocols: Vec<String>,
@@ -115,6 +143,101 @@ pub fn split_session_path(path: &str) -> Option<(&str, &str)> {
     })
 }
 
+/// Why a session path was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadSessionPath {
+    #[error("session path is {0} bytes long; at most {MAX_SESSION_PATH} are allowed")]
+    TooLong(usize),
+    #[error("session path {0:?} does not start with '/'")]
+    NoSlash(String),
+    #[error("session path {0:?} has a '..' or '.' segment, plain or percent-encoded, or an encoded '/' or '\\' in a segment")]
+    DotSegment(String),
+    #[error("session path {0:?} has a character a path may not carry ('\\', '#', or a control character)")]
+    BadChar(String),
+}
+
+/// Checks the part of a session request after `/b/<id>` (path, then `?query`): the path is
+/// empty or starts with `/`; no segment is `.` or `..`, even percent-encoded, or hides an encoded
+/// `/` or `\`; no `\`, `#` or control characters anywhere.
+pub fn validate_session_path(rest: &str) -> Result<(), BadSessionPath> {
+    if rest.len() > MAX_SESSION_PATH {
+        return Err(BadSessionPath::TooLong(rest.len()));
+    }
+    if rest
+        .bytes()
+        .any(|b| b == b'\\' || b == b'#' || b < 0x20 || b == 0x7f)
+    {
+        return Err(BadSessionPath::BadChar(rest.to_string()));
+    }
+    let path = rest.split_once('?').map_or(rest, |(p, _)| p);
+    if !path.is_empty() && !path.starts_with('/') {
+        return Err(BadSessionPath::NoSlash(rest.to_string()));
+    }
+    for segment in path.split('/') {
+        let decoded = percent_decode(segment);
+        if decoded == b"."
+            || decoded == b".."
+            || decoded.contains(&b'/')
+            || decoded.contains(&b'\\')
+        {
+            return Err(BadSessionPath::DotSegment(rest.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// Decodes `%XX` escapes repeatedly, so `%252e` cannot hide a dot from a backend that decodes
+/// twice.
+fn percent_decode(s: &str) -> Vec<u8> {
+    let mut cur: Vec<u8> = s.as_bytes().to_vec();
+    loop {
+        let next: Vec<u8> = percent_encoding::percent_decode(&cur).collect();
+        if next == cur {
+            return cur;
+        }
+        cur = next;
+    }
+}
+
+/// The URL the agent dials for a session: `base` (its `--backend`) with the session's path
+/// appended to its path, built with the URL API so the scheme, host and port are always the
+/// configured ones. An empty path reaches exactly `base`'s path. Queries merge: the client's
+/// parameters first, then `base`'s, and where both set a parameter, `base`'s wins (the client's
+/// is dropped).
+pub fn backend_url(base: &url::Url, rest: &str) -> Result<url::Url, BadSessionPath> {
+    validate_session_path(rest)?;
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    let mut url = base.clone();
+    if !path.is_empty() {
+        url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
+    }
+    let base_keys: Vec<String> = base.query_pairs().map(|(k, _)| k.into_owned()).collect();
+    let mut parts: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .filter(|kv| {
+            let key = kv.split_once('=').map_or(*kv, |(k, _)| k);
+            let key = url::form_urlencoded::parse(key.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            !base_keys.contains(&key)
+        })
+        .collect();
+    parts.extend(
+        base.query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|kv| !kv.is_empty()),
+    );
+    url.set_query((!parts.is_empty()).then(|| parts.join("&")).as_deref());
+    Ok(url)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +271,63 @@ mod tests {
         assert!(o.protocols.is_empty());
         let h: Hello = serde_json::from_str(r#"{"protocol":1,"backend_id":"a"}"#).unwrap();
         assert_eq!(h.agent, "");
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    fn join(base: &str, rest: &str) -> Result<String, BadSessionPath> {
+        backend_url(&url::Url::parse(base).unwrap(), rest).map(|u| u.to_string())
+    }
+
+    #[test]
+    fn session_paths_extend_the_backend_path_only() {
+        assert_eq!(join("ws://b:9/p", "").unwrap(), "ws://b:9/p");
+        assert_eq!(join("ws://b:9/p", "/").unwrap(), "ws://b:9/p/");
+        assert_eq!(join("ws://b:9/p", "/x/y").unwrap(), "ws://b:9/p/x/y");
+        assert_eq!(join("ws://b:9/p/", "/x").unwrap(), "ws://b:9/p/x");
+        assert_eq!(join("ws://b:9", "").unwrap(), "ws://b:9/");
+        assert_eq!(join("ws://b:9", "/x?y=1").unwrap(), "ws://b:9/x?y=1");
+        assert_eq!(join("ws://b:9/p", "?y=1").unwrap(), "ws://b:9/p?y=1");
+        // '@' and '//' cannot move the request to another host: the URL API keeps ours.
+        assert_eq!(
+            join("ws://b:9/p", "/@evil:1/x").unwrap(),
+            "ws://b:9/p/@evil:1/x"
+        );
+        assert_eq!(join("ws://b:9", "//evil/x").unwrap(), "ws://b:9//evil/x");
+        for bad in [
+            "@evil/x",
+            "x",
+            "/..",
+            "/a/../b",
+            "/%2e%2e/x",
+            "/%2E%2e",
+            "/.%2e/x",
+            "/%252e%252e/x",
+            "/.",
+            "/a/%2fb",
+            "/a%5cb",
+            "/a\\b",
+            "/a#b",
+            "/a\u{1}b",
+        ] {
+            assert!(join("ws://b:9/p", bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(matches!(
+            join("ws://b:9/p", &format!("/{}", "a".repeat(MAX_SESSION_PATH))),
+            Err(BadSessionPath::TooLong(_))
+        ));
+    }
+
+    #[test]
+    fn the_backend_urls_query_parameters_win() {
+        assert_eq!(
+            join("ws://b:9/p?k=v&t=1", "/x?y=1&k=client&z").unwrap(),
+            "ws://b:9/p/x?y=1&z&k=v&t=1"
+        );
+        assert_eq!(join("ws://b:9/?k=v", "/x").unwrap(), "ws://b:9/x?k=v");
+        assert_eq!(join("ws://b:9/?k=v", "/x?k=w").unwrap(), "ws://b:9/x?k=v");
     }
 }

@@ -8,16 +8,12 @@
 //! Close 1011 with a reason; an abnormal Close from the far end aborts the TCP side.
 
 use crate::lazy_read::LazyRead;
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use crate::ws::{Event, Role, WsReader, WsWriter};
+use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 /// How long to wait for the far end's Close after both directions have ended or we sent ours.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -33,6 +29,19 @@ pub enum BridgeEnd {
     Failed(String),
 }
 
+impl std::fmt::Display for BridgeEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BridgeEnd::Clean => write!(f, "both directions ended"),
+            BridgeEnd::Closed(code, r) if r.is_empty() => {
+                write!(f, "closed by the far end (code {code})")
+            }
+            BridgeEnd::Closed(code, r) => write!(f, "closed by the far end (code {code}): {r}"),
+            BridgeEnd::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
 /// Bytes moved and how the connection ended.
 #[derive(Debug, Clone)]
 pub struct BridgeSummary {
@@ -43,28 +52,18 @@ pub struct BridgeSummary {
     pub end: BridgeEnd,
 }
 
-type Sink<S> = Mutex<SplitSink<WebSocketStream<S>, Message>>;
-
-fn close_frame(code: CloseCode, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.to_string().into(),
-    }))
-}
-
-/// Carries `tcp_read`/`tcp_write` over `ws` until both directions end or either side fails.
-pub async fn run<R, W, S>(
-    mut tcp_read: R,
-    mut tcp_write: W,
-    ws: WebSocketStream<S>,
-) -> BridgeSummary
+/// Carries `tcp_read`/`tcp_write` over the WebSocket on `ws` (handshake done, we are `role`)
+/// until both directions end or either side fails.
+pub async fn run<R, W, S>(mut tcp_read: R, mut tcp_write: W, ws: S, role: Role) -> BridgeSummary
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite,
 {
-    let (sink, mut stream) = ws.split();
-    let sink: Sink<S> = Mutex::new(sink);
+    let (ws_read, ws_write) = tokio::io::split(ws);
+    // Messages are streamed to TCP piece by piece, so their size costs no memory: no limit.
+    let mut stream = WsReader::new(ws_read, role, u64::MAX);
+    let sink = Mutex::new(WsWriter::new(ws_write, role));
     // Atomics only so the future is Send; both directions run in this one task.
     let up_done = AtomicBool::new(false);
     let down_done = AtomicBool::new(false);
@@ -81,24 +80,19 @@ where
                 Ok(c) => c,
                 Err(e) => {
                     let reason = format!("TCP read failed: {e}");
-                    let _ = sink
-                        .lock()
-                        .await
-                        .send(close_frame(CloseCode::Error, &reason))
-                        .await;
+                    let _ = sink.lock().await.close(Some((1011, &reason))).await;
                     return Err(reason);
                 }
             };
             let n = chunk.len();
-            let msg = Message::Binary(chunk);
             let mut sink = sink.lock().await;
-            if let Err(e) = sink.send(msg).await {
+            if let Err(e) = sink.data(false, true, &chunk).await {
                 return Err(format!("WebSocket send failed: {e}"));
             }
             if n == 0 {
                 up_done.store(true, Relaxed);
                 if down_done.load(Relaxed) {
-                    let _ = sink.send(close_frame(CloseCode::Normal, "")).await;
+                    let _ = sink.close(Some((1000, ""))).await;
                 }
                 return Ok(());
             }
@@ -108,93 +102,97 @@ where
 
     // WebSocket -> TCP. Ends the bridge when it returns.
     let down = async {
+        // Bytes of the message being received, to tell the empty end-of-stream marker apart.
+        let mut message_len = 0u64;
         loop {
-            let msg = match stream.next().await {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => return BridgeEnd::Failed(format!("WebSocket failed: {e}")),
-                None => {
-                    return BridgeEnd::Failed("WebSocket ended without a close handshake".into())
-                }
-            };
-            match msg {
-                Message::Binary(b) if b.is_empty() => {
-                    if down_done.swap(true, Relaxed) {
-                        continue; // a second EOF marker changes nothing
-                    }
-                    let _ = tcp_write.shutdown().await;
-                    if up_done.load(Relaxed) {
-                        let _ = sink
-                            .lock()
-                            .await
-                            .send(close_frame(CloseCode::Normal, ""))
-                            .await;
-                    }
-                }
-                Message::Binary(b) => {
-                    if down_done.load(Relaxed) {
-                        return BridgeEnd::Failed(
-                            "data arrived after the end-of-stream marker".into(),
-                        );
-                    }
-                    // Flush every chunk: a TCP socket's flush is free, but stdout (--stdio)
-                    // buffers by line, and interactive peers (ssh) wait for bytes that never
-                    // end in a newline.
-                    let written = match tcp_write.write_all(&b).await {
-                        Ok(()) => tcp_write.flush().await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = written {
-                        let reason = format!("TCP write failed: {e}");
-                        let _ = sink
-                            .lock()
-                            .await
-                            .send(close_frame(CloseCode::Error, &reason))
-                            .await;
-                        return BridgeEnd::Failed(reason);
-                    }
-                    from_ws.fetch_add(b.len() as u64, Relaxed);
-                }
-                Message::Text(_) => {
+            let (fin, payload) = match stream.next(crate::wire::MAX_CHUNK).await {
+                Ok(Event::Data {
+                    text: false,
+                    fin,
+                    payload,
+                }) => (fin, payload),
+                Ok(Event::Data { text: true, .. }) => {
                     let reason = "text message on a TCP bridge";
-                    let _ = sink
-                        .lock()
-                        .await
-                        .send(close_frame(CloseCode::Unsupported, reason))
-                        .await;
+                    let _ = sink.lock().await.close(Some((1003, reason))).await;
                     return BridgeEnd::Failed(reason.into());
                 }
-                Message::Close(cf) => {
+                Ok(Event::Ping(p)) => {
+                    // This end of the session answers pings (see docs/protocol.md).
+                    let _ = sink.lock().await.pong(&p).await;
+                    continue;
+                }
+                Ok(Event::Pong(_)) => continue,
+                Ok(Event::Close(cf)) => {
+                    let mut sink = sink.lock().await;
+                    let _ = sink.close(cf.as_ref().map(|(c, r)| (*c, r.as_str()))).await;
                     return match cf {
                         _ if up_done.load(Relaxed) && down_done.load(Relaxed) => BridgeEnd::Clean,
-                        Some(cf) => BridgeEnd::Closed(u16::from(cf.code), cf.reason.to_string()),
+                        Some((code, reason)) => BridgeEnd::Closed(code, reason),
                         None => BridgeEnd::Closed(1005, String::new()),
                     };
                 }
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                Err(e) => {
+                    let reason = format!("WebSocket failed: {e}");
+                    if let Some(code) = e.close_code() {
+                        let _ = sink.lock().await.close(Some((code, &reason))).await;
+                    }
+                    return BridgeEnd::Failed(reason);
+                }
+            };
+            if !payload.is_empty() {
+                if down_done.load(Relaxed) {
+                    return BridgeEnd::Failed("data arrived after the end-of-stream marker".into());
+                }
+                message_len += payload.len() as u64;
+                if let Err(reason) = write_tcp(&mut tcp_write, &payload).await {
+                    let _ = sink.lock().await.close(Some((1011, &reason))).await;
+                    return BridgeEnd::Failed(reason);
+                }
+                from_ws.fetch_add(payload.len() as u64, Relaxed);
+            }
+            if !fin {
+                continue;
+            }
+            let empty = message_len == 0;
+            message_len = 0;
+            if !empty || down_done.swap(true, Relaxed) {
+                continue; // a second EOF marker changes nothing
+            }
+            let _ = tcp_write.shutdown().await;
+            if up_done.load(Relaxed) {
+                let _ = sink.lock().await.close(Some((1000, ""))).await;
             }
         }
     };
 
-    tokio::pin!(up);
-    tokio::pin!(down);
-    let mut up_result: Option<Result<(), String>> = None;
-    let end = loop {
-        tokio::select! {
-            r = &mut up, if up_result.is_none() => {
-                if let Err(reason) = &r {
-                    // We told the far end; give it a moment to answer, then give up.
-                    let reason = reason.clone();
-                    let _ = tokio::time::timeout(CLOSE_WAIT, &mut down).await;
-                    break BridgeEnd::Failed(reason);
+    let end = {
+        tokio::pin!(up);
+        tokio::pin!(down);
+        let mut up_result: Option<Result<(), String>> = None;
+        let end = loop {
+            tokio::select! {
+                r = &mut up, if up_result.is_none() => {
+                    if let Err(reason) = &r {
+                        // We told the far end; give it a moment to answer, then give up.
+                        let reason = reason.clone();
+                        let _ = tokio::time::timeout(CLOSE_WAIT, &mut down).await;
+                        break BridgeEnd::Failed(reason);
+                    }
+                    up_result = Some(r);
                 }
-                up_result = Some(r);
+                end = &mut down => break end,
             }
-            end = &mut down => break end,
-        }
+        };
+        end
     };
-    // Send whatever tungstenite still holds (its answer to the far end's Close, or ours) and
-    // finish the close handshake, so the far end does not see a reset.
-    let _ = tokio::time::timeout(CLOSE_WAIT, async { sink.lock().await.close().await }).await;
+    // RFC 6455 7.1.1: the server closes the TCP connection first; a client waits for it.
+    let mut sink = sink.into_inner();
+    if role == Role::Server {
+        let _ = tokio::time::timeout(CLOSE_WAIT, sink.shutdown()).await;
+    }
+    if sink.is_closed() {
+        stream.drain(CLOSE_WAIT).await;
+    }
     BridgeSummary {
         to_ws: to_ws.load(Relaxed),
         from_ws: from_ws.load(Relaxed),
@@ -202,34 +200,37 @@ where
     }
 }
 
+/// Writes one piece to TCP and flushes it: a socket's flush is free, but stdout (--stdio)
+/// buffers by line, and interactive peers (ssh) wait for bytes that never end in a newline.
+async fn write_tcp<W: AsyncWrite + Unpin>(w: &mut W, b: &Bytes) -> Result<(), String> {
+    w.write_all(b)
+        .await
+        .map_err(|e| format!("TCP write failed: {e}"))?;
+    w.flush()
+        .await
+        .map_err(|e| format!("TCP write failed: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::SinkExt;
     use tokio::io::{duplex, AsyncReadExt};
-    use tokio_tungstenite::tungstenite::protocol::Role;
-
-    async fn ws_pair() -> (
-        WebSocketStream<tokio::io::DuplexStream>,
-        WebSocketStream<tokio::io::DuplexStream>,
-    ) {
-        let (a, b) = duplex(1 << 16);
-        (
-            WebSocketStream::from_raw_socket(a, Role::Client, None).await,
-            WebSocketStream::from_raw_socket(b, Role::Server, None).await,
-        )
-    }
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
 
     /// Two bridges back to back (as frontend and backend are), with a "client" and a "service"
     /// on the TCP sides: the client sends, half-closes, and still gets the whole reply.
     #[tokio::test]
     async fn half_close_crosses_two_bridges_and_big_data_is_intact() {
-        let (ws_front, ws_back) = ws_pair().await;
+        let (ws_front, ws_back) = duplex(1 << 16);
         let (client, front_tcp) = duplex(1 << 16);
         let (service, back_tcp) = duplex(1 << 16);
         let (fr, fw) = tokio::io::split(front_tcp);
         let (br, bw) = tokio::io::split(back_tcp);
-        let front = tokio::spawn(run(fr, fw, ws_front));
-        let back = tokio::spawn(run(br, bw, ws_back));
+        let front = tokio::spawn(run(fr, fw, ws_front, Role::Client));
+        let back = tokio::spawn(run(br, bw, ws_back, Role::Server));
 
         let request: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7) as u8).collect();
         let reply: Vec<u8> = (0..2_000_000u32).map(|i| (i * 13) as u8).collect();
@@ -265,12 +266,22 @@ mod tests {
 
     #[tokio::test]
     async fn abnormal_close_from_the_far_end_ends_the_tcp_side() {
-        let (ws_local, mut ws_far) = ws_pair().await;
+        // The far end is tungstenite, an independent implementation, as the server.
+        let (ws_local, far) = duplex(1 << 16);
+        let mut ws_far = WebSocketStream::from_raw_socket(
+            far,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
         let (client, local_tcp) = duplex(1 << 16);
         let (lr, lw) = tokio::io::split(local_tcp);
-        let bridge = tokio::spawn(run(lr, lw, ws_local));
+        let bridge = tokio::spawn(run(lr, lw, ws_local, Role::Client));
         ws_far
-            .send(close_frame(CloseCode::Error, "target refused"))
+            .send(Message::Close(Some(CloseFrame {
+                code: CloseCode::Error,
+                reason: "target refused".into(),
+            })))
             .await
             .unwrap();
         let summary = bridge.await.unwrap();

@@ -2,9 +2,12 @@
 //! same), directly or through an HTTP forward proxy with `CONNECT`, as the environment's
 //! `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` say.
 
-use crate::lazy_read::LazyRead;
 use crate::tls;
 use base64::Engine;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,9 +16,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use url::Url;
 
 /// Longest proxy response header accepted.
@@ -80,19 +82,14 @@ pub struct DialOptions {
     /// Whether to use the proxy the environment names.
     pub use_env_proxy: bool,
     /// Extra request headers for the handshake (e.g. `Authorization`).
-    pub headers: Vec<(&'static str, String)>,
-    /// WebSocket settings; `None` uses [`crate::ws_config`].
-    pub ws_config: Option<tokio_tungstenite::tungstenite::protocol::WebSocketConfig>,
-    /// Let tungstenite read straight from the socket (see [`LazyRead::direct`]) instead of
-    /// through a lazily allocated buffer; for connections with a large `read_buffer_size`.
-    pub direct_reads: bool,
+    pub headers: Vec<(String, String)>,
 }
 
 /// Handshake headers (for [`DialOptions::headers`]) presenting `token` as a bearer token; none
 /// without a token.
-pub fn bearer_headers(token: Option<&str>) -> Vec<(&'static str, String)> {
+pub fn bearer_headers(token: Option<&str>) -> Vec<(String, String)> {
     token
-        .map(|t| vec![("Authorization", format!("Bearer {t}"))])
+        .map(|t| vec![("Authorization".to_string(), format!("Bearer {t}"))])
         .unwrap_or_default()
 }
 
@@ -104,8 +101,6 @@ impl Default for DialOptions {
             protocols: Vec::new(),
             use_env_proxy: true,
             headers: Vec::new(),
-            ws_config: None,
-            direct_reads: false,
         }
     }
 }
@@ -132,17 +127,24 @@ pub enum DialError {
         body: String,
     },
     #[error("WebSocket handshake with {0} failed: {1}")]
-    Handshake(String, tokio_tungstenite::tungstenite::Error),
+    Handshake(String, String),
     #[error("no answer from {0} within {1:?}")]
     Timeout(String, Duration),
 }
 
+/// The connection under a WebSocket once the handshake is done (any bytes the server sent
+/// right after its answer are still in it).
+pub type WsIo = TokioIo<hyper::upgrade::Upgraded>;
+
 /// The result of a successful dial.
 pub struct Dialed {
-    pub ws: WebSocketStream<LazyRead<MaybeTlsStream>>,
+    pub io: WsIo,
     /// The subprotocol the server chose, if any.
     pub protocol: Option<String>,
 }
+
+/// Largest error body read from a server that refused the upgrade.
+const MAX_REFUSAL_BODY: usize = 4 * 1024;
 
 /// Opens a WebSocket to `url`.
 pub async fn dial(url: &Url, opts: &DialOptions) -> Result<Dialed, DialError> {
@@ -197,46 +199,90 @@ async fn dial_inner(url: &Url, opts: &DialOptions) -> Result<Dialed, DialError> 
         MaybeTlsStream::Plain(tcp)
     };
 
-    let mut request = ws_url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| bad(&e.to_string()))?;
+    let authority = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.clone(),
+    };
+    let target = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    };
+    let key = generate_key();
+    let mut request = Request::get(target)
+        .header(header::HOST, authority)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_KEY, &key)
+        .header(header::SEC_WEBSOCKET_VERSION, "13");
     if !opts.protocols.is_empty() {
         let v = HeaderValue::from_str(&opts.protocols.join(", "))
             .map_err(|_| bad("subprotocol names are not valid header text"))?;
-        request.headers_mut().insert("Sec-WebSocket-Protocol", v);
+        request = request.header(header::SEC_WEBSOCKET_PROTOCOL, v);
     }
     for (name, value) in &opts.headers {
         let v = HeaderValue::from_str(value)
             .map_err(|_| bad(&format!("header {name} is not valid header text")))?;
-        request.headers_mut().insert(*name, v);
+        let n = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| bad(&format!("{name:?} is not a header name")))?;
+        request = request.header(n, v);
     }
-    let config = opts.ws_config.unwrap_or_else(crate::ws_config);
-    let stream = if opts.direct_reads {
-        LazyRead::direct(stream)
-    } else {
-        LazyRead::new(stream)
-    };
-    match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
-        Ok((ws, resp)) => Ok(Dialed {
-            ws,
-            protocol: resp
-                .headers()
-                .get("Sec-WebSocket-Protocol")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-        }),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(DialError::Http {
+    let request = request
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| bad(&e.to_string()))?;
+
+    let handshake_failed =
+        |e: &dyn std::fmt::Display| DialError::Handshake(ws_url.to_string(), e.to_string());
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| handshake_failed(&e))?;
+    // The connection task ends once the upgrade hands the socket over, or with the dial.
+    tokio::spawn(conn.with_upgrades());
+    let resp = sender
+        .send_request(request)
+        .await
+        .map_err(|e| handshake_failed(&e))?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = resp.status().as_u16();
+        let body = Limited::new(resp.into_body(), MAX_REFUSAL_BODY)
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        return Err(DialError::Http {
             url: ws_url.to_string(),
-            status: resp.status().as_u16(),
-            body: resp
-                .body()
-                .as_deref()
-                .map(|b| String::from_utf8_lossy(b).trim().to_string())
-                .unwrap_or_default(),
-        }),
-        Err(e) => Err(DialError::Handshake(ws_url.to_string(), e)),
+            status,
+            body,
+        });
     }
+    let accept = resp
+        .headers()
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .map(|v| v.as_bytes().to_vec());
+    if accept.as_deref() != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
+        return Err(handshake_failed(
+            &"the server's Sec-WebSocket-Accept does not match our key",
+        ));
+    }
+    let protocol = resp
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if protocol
+        .as_ref()
+        .is_some_and(|p| !opts.protocols.iter().any(|o| o == p))
+    {
+        return Err(handshake_failed(
+            &"the server chose a subprotocol we did not offer",
+        ));
+    }
+    let upgraded = hyper::upgrade::on(resp)
+        .await
+        .map_err(|e| handshake_failed(&e))?;
+    Ok(Dialed {
+        io: TokioIo::new(upgraded),
+        protocol,
+    })
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, DialError> {
@@ -309,24 +355,9 @@ async fn connect_via_proxy(proxy: &Url, host: &str, port: u16) -> Result<TcpStre
 }
 
 fn percent_decode(s: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn env_any(names: &[&str]) -> Option<String> {

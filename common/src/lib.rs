@@ -5,6 +5,7 @@
 //! | [`wire`]    | the agent link's binary frames and batches: encode/decode, no IO               |
 //! | [`reliable`]| per-direction sequence numbers, acknowledgements and the retransmit buffer     |
 //! | [`session`] | one session between a WebSocket and the link, with per-session flow control |
+//! | [`ws`]      | a session's WebSocket at the level of frames, as a tunnel must carry it: IO-free decoder, thin reader/writer |
 //! | [`api`]     | the agent API's paths, hello messages and backend-id rules                     |
 //! | [`bridge`]  | one TCP connection <-> one WebSocket, with the half-close convention          |
 //! | [`dial`]    | opening a WebSocket to a `ws://`/`wss://` URL, optionally via an HTTP proxy   |
@@ -30,23 +31,12 @@ pub mod telemetry;
 pub mod tls;
 pub mod transport;
 pub mod wire;
+pub mod ws;
 
 /// Exit code for a configuration the program refuses to start with (BSD `EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
 
-/// Largest WebSocket message any backhaul program accepts or produces. Messages are carried
-/// whole across the agent link, so this also bounds per-session reassembly memory.
-pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
-
-/// Read buffer of each session's WebSocket. tungstenite holds it for the life of the connection,
-/// in every process, so it stays small; [`lazy_read::LazyRead`] under it reads in large chunks
-/// while data flows and holds nothing while the session is idle (measured with backhaul-bench).
-pub const WS_READ_BUFFER: usize = 2 * 1024;
-
-/// The WebSocket configuration all four programs use, so limits agree end to end.
-pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(WS_READ_BUFFER)
-        .max_message_size(Some(MAX_MESSAGE_SIZE))
-        .max_frame_size(Some(MAX_MESSAGE_SIZE))
-}
+/// Default for the largest data message a session's WebSocket peer may send (`--max-message-kib`
+/// of relay and agent). Messages are carried in pieces, so this is a policy, not a buffer: no
+/// program ever holds a message whole.
+pub const DEFAULT_MAX_MESSAGE_KIB: u64 = 16 * 1024;

@@ -2,24 +2,22 @@
 //! runs it between a frontend's WebSocket and its link to an agent; the agent runs it between
 //! its link and the backend's WebSocket. The same code on both sides keeps the two ends honest.
 //!
-//! Flow control works like HTTP/2's: each direction of a session has a window of `window` bytes
-//! of DATA. A sender spends window as it sends DATA and waits when none is left; the receiver
-//! gives it back with WINDOW frames as its writer takes the data off the queue. So a slow reader
-//! stops its writer at the other end of the stack, and no buffer anywhere grows past the window
-//! (plus one message being reassembled, at most [`crate::MAX_MESSAGE_SIZE`]).
+//! Flow control works like HTTP/2's: each direction of a session has a window of `window` bytes.
+//! A sender spends window on every DATA, PING and PONG frame (its payload plus [`FRAME_COST`])
+//! and waits when none is left; the receiver gives it back with WINDOW frames once its writer
+//! has written the frame to its WebSocket. So a slow reader stops its writer at the other end of
+//! the stack, a flood of pings or empty messages is bounded like data, and no buffer anywhere
+//! grows past the window. Messages are carried in pieces as they arrive and written out as
+//! WebSocket fragments, so no message is ever held whole, whatever its size.
 
 use crate::wire::{Frame, Kind, MAX_CHUNK};
-use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::ws::{Event, Role, WsReader, WsWriter};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
 
 /// How long to wait for the WebSocket peer's answer after we send a Close.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(5);
@@ -113,9 +111,9 @@ impl SessionHandle {
                 self.credits.add_permits(credit as usize);
                 Ok(())
             }
-            Kind::Data => {
-                let len = frame.payload.len();
-                let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
+            Kind::Data | Kind::Ping | Kind::Pong => {
+                let cost = window_cost(&frame);
+                let queued = self.queued.fetch_add(cost, Ordering::AcqRel) + cost;
                 if queued > self.window as usize {
                     return Err(SessionViolation::WindowExceeded {
                         queued,
@@ -153,17 +151,55 @@ impl SessionHandle {
     }
 }
 
+/// Flow-control cost of one frame beyond its payload: what the link spends on it. Charging it
+/// for every DATA, PING and PONG frame bounds what a flood of empty messages or pings can queue,
+/// like any other data.
+pub const FRAME_COST: usize = 16;
+
+/// What `frame` spends of its session's window.
+pub fn window_cost(frame: &Frame) -> usize {
+    match frame.kind {
+        Kind::Data | Kind::Ping | Kind::Pong => frame.payload.len() + FRAME_COST,
+        _ => 0,
+    }
+}
+
 /// How a session ended, for the logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
-    /// Our WebSocket peer closed (code, reason).
+    /// Our WebSocket peer closed (code, reason) and the far end answered.
     LocalClose(Option<(u16, String)>),
-    /// The link's peer closed (code, reason) and we passed it on.
+    /// The far end closed (code, reason), and our WebSocket peer answered.
     RemoteClose(Option<(u16, String)>),
+    /// We closed our WebSocket peer with this code for breaking the rules (a message over the
+    /// limit, a protocol violation).
+    Refused(u16, String),
     /// Our WebSocket broke without a close handshake.
     LocalLost(String),
     /// The link's peer reported its side lost, or the link itself went away.
     RemoteLost(String),
+}
+
+fn describe_close(parts: &Option<(u16, String)>) -> String {
+    match parts {
+        None => "no status code".into(),
+        Some((code, r)) if r.is_empty() => format!("code {code}"),
+        Some((code, r)) => format!("code {code}, {r:?}"),
+    }
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ending::LocalClose(c) => {
+                write!(f, "closed by this side's peer ({})", describe_close(c))
+            }
+            Ending::RemoteClose(c) => write!(f, "closed by the far end ({})", describe_close(c)),
+            Ending::Refused(code, r) => write!(f, "refused this side's peer with code {code}: {r}"),
+            Ending::LocalLost(r) => write!(f, "this side's connection was lost: {r}"),
+            Ending::RemoteLost(r) => write!(f, "the far end was lost: {r}"),
+        }
+    }
 }
 
 /// Byte counts and the ending of a session.
@@ -177,10 +213,68 @@ pub struct Summary {
     pub ending: Ending,
 }
 
-/// Runs one session until either side ends it. Frames for the peer go to `sink`.
-pub async fn pump<S>(ws: WebSocketStream<S>, peer: SessionPeer, sink: Arc<dyn FrameSink>) -> Summary
+/// How the WebSocket side of a session is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct WsSide {
+    /// Our role on the WebSocket: the relay is the server to its client, the agent the client of
+    /// its backend.
+    pub role: Role,
+    /// Largest data message our WebSocket peer may send; a larger one is refused with 1009.
+    pub max_message: u64,
+}
+
+/// How the reader (our WebSocket peer -> link) stopped.
+enum ReadEnd {
+    /// The peer sent its Close, now passed on.
+    Closed(Option<(u16, String)>),
+    /// The peer broke the rules: close it with this code.
+    Refused(u16, String),
+    Lost(String),
+    /// `terminate` closed the session's credit.
+    Terminated,
+}
+
+/// How the writer (link -> our WebSocket peer) stopped.
+enum WriteEnd {
+    /// The far end's Close, now sent to our peer.
+    Closed(Option<(u16, String)>),
+    Aborted(String),
+    Lost(String),
+    LinkGone,
+}
+
+/// Whether the session is over, from how each side has ended so far.
+fn decide(
+    read: &Option<ReadEnd>,
+    write: &Option<WriteEnd>,
+    local_first: bool,
+    timed_out: bool,
+) -> Option<Ending> {
+    Some(match (read, write) {
+        (Some(ReadEnd::Refused(code, r)), _) => Ending::Refused(*code, r.clone()),
+        (Some(ReadEnd::Lost(r)), _) | (_, Some(WriteEnd::Lost(r))) => Ending::LocalLost(r.clone()),
+        (Some(ReadEnd::Terminated), _) => Ending::RemoteLost("session terminated".into()),
+        (_, Some(WriteEnd::Aborted(r))) => Ending::RemoteLost(r.clone()),
+        (_, Some(WriteEnd::LinkGone)) => Ending::RemoteLost("link closed".into()),
+        (Some(ReadEnd::Closed(local)), Some(WriteEnd::Closed(remote))) => {
+            if local_first {
+                Ending::LocalClose(local.clone())
+            } else {
+                Ending::RemoteClose(remote.clone())
+            }
+        }
+        (Some(ReadEnd::Closed(local)), None) if timed_out => Ending::LocalClose(local.clone()),
+        (None, Some(WriteEnd::Closed(remote))) if timed_out => Ending::RemoteClose(remote.clone()),
+        _ => return None,
+    })
+}
+
+/// Runs one session until both sides have closed or either is lost. Frames for the far end go
+/// to `sink`. The close handshake is carried end to end: after one side's Close, messages from
+/// the other still flow until its own Close comes back (bounded by [`CLOSE_LINGER`]).
+pub async fn pump<S>(io: S, side: WsSide, peer: SessionPeer, sink: Arc<dyn FrameSink>) -> Summary
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Send,
 {
     let SessionPeer {
         id,
@@ -189,197 +283,195 @@ where
         queued,
         window,
     } = peer;
-    let (mut ws_tx, mut ws_rx) = ws.split();
-    let mut sent = 0u64;
-    let mut received = 0u64;
+    let (r, w) = tokio::io::split(io);
+    let mut ws_rx = WsReader::new(r, side.role, side.max_message);
+    let ws_tx = tokio::sync::Mutex::new(WsWriter::new(w, side.role));
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    // A piece and its frame cost never exceed the window, or its credit could never be granted.
+    let max_piece = MAX_CHUNK.min(window as usize - FRAME_COST);
+
+    let spend = |cost: usize| {
+        let credits = &credits;
+        async move {
+            match credits.acquire_many(cost as u32).await {
+                Ok(p) => {
+                    p.forget();
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+    };
 
     let reader = async {
         loop {
-            let msg = match ws_rx.next().await {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    sink.send(Frame::abort(id, "connection lost"));
-                    return Ending::LocalLost(e.to_string());
+            let frame = match ws_rx.next(max_piece).await {
+                Ok(Event::Data { text, fin, payload }) => {
+                    sent.fetch_add(payload.len() as u64, Relaxed);
+                    Frame::data(id, text, fin, payload)
                 }
-                None => {
-                    sink.send(Frame::abort(id, "connection lost"));
-                    return Ending::LocalLost("connection ended without a close handshake".into());
-                }
-            };
-            let (text, payload) = match msg {
-                Message::Binary(b) => (false, b),
-                Message::Text(t) => (true, Bytes::from(t)),
-                Message::Ping(p) => {
-                    sink.send(Frame::new(Kind::Ping, 0, id, p));
-                    continue;
-                }
-                Message::Pong(p) => {
-                    sink.send(Frame::new(Kind::Pong, 0, id, p));
-                    continue;
-                }
-                Message::Close(cf) => {
-                    let parts = cf.map(|cf| (u16::from(cf.code), cf.reason.to_string()));
+                Ok(Event::Ping(p)) => Frame::new(Kind::Ping, 0, id, p),
+                Ok(Event::Pong(p)) => Frame::new(Kind::Pong, 0, id, p),
+                Ok(Event::Close(parts)) => {
                     sink.send(match &parts {
                         Some((code, reason)) => Frame::close(id, *code, reason),
                         None => Frame::close_empty(id),
                     });
-                    return Ending::LocalClose(parts);
+                    return ReadEnd::Closed(parts);
                 }
-                Message::Frame(_) => continue,
+                Err(e) => {
+                    let reason = e.to_string();
+                    return match e.close_code() {
+                        Some(code) => {
+                            sink.send(Frame::close(id, code, &format!("peer {reason}")));
+                            ReadEnd::Refused(code, reason)
+                        }
+                        // A peer that hangs up after our Close has ended the handshake.
+                        None if ws_tx.lock().await.is_closed() => {
+                            sink.send(Frame::close_empty(id));
+                            ReadEnd::Closed(None)
+                        }
+                        None => {
+                            sink.send(Frame::abort(id, "connection lost"));
+                            ReadEnd::Lost(reason)
+                        }
+                    };
+                }
             };
-            if payload.is_empty() {
-                sink.send(Frame::data(id, text, true, payload));
-                continue;
+            if !spend(window_cost(&frame)).await {
+                return ReadEnd::Terminated;
             }
-            let mut offset = 0;
-            while offset < payload.len() {
-                // A chunk never exceeds the window, or its credit could never be granted.
-                let len = MAX_CHUNK.min(window as usize).min(payload.len() - offset);
-                match credits.acquire_many(len as u32).await {
-                    Ok(permit) => permit.forget(),
-                    // Closed by `terminate`: the writer is ending the session.
-                    Err(_) => return Ending::RemoteLost("session terminated".into()),
-                }
-                let fin = offset + len == payload.len();
-                sink.send(Frame::data(
-                    id,
-                    text,
-                    fin,
-                    payload.slice(offset..offset + len),
-                ));
-                sent += len as u64;
-                offset += len;
-            }
+            sink.send(frame);
         }
     };
 
     let writer = async {
-        let mut partial = BytesMut::new();
         let mut consumed = 0usize;
         let grant_at = (window as usize / 4).max(1);
         loop {
             let Some(frame) = rx.recv().await else {
-                return (Ending::RemoteLost("link closed".into()), false);
+                return WriteEnd::LinkGone;
             };
+            let cost = window_cost(&frame);
+            if cost > 0 {
+                queued.fetch_sub(cost, Ordering::AcqRel);
+                consumed += cost;
+            }
+            let mut ws = ws_tx.lock().await;
             let result = match frame.kind {
                 Kind::Data => {
-                    let len = frame.payload.len();
-                    queued.fetch_sub(len, Ordering::AcqRel);
-                    received += len as u64;
-                    consumed += len;
-                    if consumed >= grant_at {
-                        sink.send(Frame::window(id, consumed as u32));
-                        consumed = 0;
-                    }
-                    let text = frame.is_text();
-                    let whole = if !frame.is_fin() {
-                        if partial.len() + len > crate::MAX_MESSAGE_SIZE {
-                            sink.send(Frame::abort(id, "message too large"));
-                            return (
-                                Ending::RemoteLost(format!(
-                                    "peer sent a message over {} bytes",
-                                    crate::MAX_MESSAGE_SIZE
-                                )),
-                                false,
-                            );
-                        }
-                        partial.extend_from_slice(&frame.payload);
-                        continue;
-                    } else if partial.is_empty() {
-                        frame.payload
-                    } else {
-                        partial.extend_from_slice(&frame.payload);
-                        partial.split().freeze()
-                    };
-                    let msg = if text {
-                        match Utf8Bytes::try_from(whole) {
-                            Ok(t) => Message::Text(t),
-                            Err(_) => {
-                                let reason = "peer sent a text message that is not UTF-8";
-                                sink.send(Frame::close(id, 1007, reason));
-                                let _ = ws_tx.send(close_message(1007, reason)).await;
-                                return (Ending::RemoteLost(reason.into()), true);
-                            }
-                        }
-                    } else {
-                        Message::Binary(whole)
-                    };
-                    ws_tx.send(msg).await
+                    received.fetch_add(frame.payload.len() as u64, Relaxed);
+                    ws.data(frame.is_text(), frame.is_fin(), &frame.payload)
+                        .await
                 }
-                Kind::Ping => ws_tx.send(Message::Ping(frame.payload)).await,
-                Kind::Pong => ws_tx.send(Message::Pong(frame.payload)).await,
+                Kind::Ping => ws.ping(&frame.payload).await,
+                Kind::Pong => ws.pong(&frame.payload).await,
+                Kind::Close if frame.is_abort() => {
+                    let reason = frame.close_parts().ok().flatten().map(|(_, r)| r);
+                    return WriteEnd::Aborted(reason.unwrap_or_default());
+                }
                 Kind::Close => {
-                    if frame.is_abort() {
-                        let reason = frame
-                            .close_parts()
-                            .ok()
-                            .flatten()
-                            .map(|(_, r)| r)
-                            .unwrap_or_default();
-                        return (Ending::RemoteLost(reason), false);
-                    }
                     let parts = frame.close_parts().ok().flatten();
-                    let msg = match &parts {
-                        Some((code, reason)) => close_message(*code, reason),
-                        None => Message::Close(None),
+                    let close = parts.as_ref().map(|(c, r)| (*c, r.as_str()));
+                    return match ws.close(close).await {
+                        Ok(()) => WriteEnd::Closed(parts),
+                        Err(e) => WriteEnd::Lost(e.to_string()),
                     };
-                    let _ = ws_tx.send(msg).await;
-                    return (Ending::RemoteClose(parts), true);
                 }
                 Kind::Open | Kind::Opened | Kind::Window => Ok(()),
             };
+            drop(ws);
             if let Err(e) = result {
                 sink.send(Frame::abort(id, "connection lost"));
-                return (Ending::LocalLost(e.to_string()), false);
+                return WriteEnd::Lost(e.to_string());
+            }
+            // Credit goes back once the bytes are written, so a slow reader slows its writer.
+            if consumed >= grant_at {
+                sink.send(Frame::window(id, consumed as u32));
+                consumed = 0;
             }
         }
     };
 
-    let (ending, sent_close) = tokio::select! {
-        ending = reader => (ending, false),
-        done = writer => done,
+    let (ending, read_end) = {
+        tokio::pin!(reader);
+        tokio::pin!(writer);
+        let mut read_end: Option<ReadEnd> = None;
+        let mut write_end: Option<WriteEnd> = None;
+        // Set when the first side ends: how long the other may take to follow.
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut timed_out = false;
+        let mut local_first = false;
+        let ending = loop {
+            if let Some(ending) = decide(&read_end, &write_end, local_first, timed_out) {
+                break ending;
+            }
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = &mut reader, if read_end.is_none() => {
+                    local_first = write_end.is_none();
+                    read_end = Some(r);
+                }
+                w = &mut writer, if write_end.is_none() => write_end = Some(w),
+                _ = timer => timed_out = true,
+            }
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + CLOSE_LINGER);
+        };
+        (ending, read_end)
     };
-    if let Ending::LocalClose(_) = ending {
-        // tungstenite has queued its answer to the peer's Close; send it before hanging up, so
-        // the peer sees a complete close handshake.
-        let _ = tokio::time::timeout(CLOSE_LINGER, ws_tx.close()).await;
-    }
-    if sent_close {
-        // Give the WebSocket peer a moment to answer our Close, so it sees a clean end.
-        let _ = tokio::time::timeout(CLOSE_LINGER, async {
-            while let Some(Ok(_)) = ws_rx.next().await {}
-        })
-        .await;
-    }
     credits.close();
+    let mut ws = ws_tx.into_inner();
+    match &ending {
+        Ending::LocalClose(c) if !ws.is_closed() => {
+            // The far end never answered: answer our peer's Close ourselves.
+            let _ = ws
+                .close(c.as_ref().map(|(code, r)| (*code, r.as_str())))
+                .await;
+            sink.send(Frame::abort(id, "no answer to the close"));
+        }
+        Ending::Refused(code, reason) => {
+            let _ = ws.close(Some((*code, reason))).await;
+        }
+        Ending::RemoteClose(_) if !matches!(read_end, Some(ReadEnd::Closed(_))) => {
+            // Our peer never answered the far end's Close.
+            sink.send(Frame::abort(id, "no answer to the close"));
+        }
+        _ => {}
+    }
+    let clean = matches!(
+        ending,
+        Ending::LocalClose(_) | Ending::RemoteClose(_) | Ending::Refused(..)
+    );
+    if clean {
+        // RFC 6455 7.1.1: the server closes the TCP connection first; a client waits for it.
+        if side.role == Role::Server {
+            let _ = tokio::time::timeout(CLOSE_LINGER, ws.shutdown()).await;
+        }
+        ws_rx.drain(CLOSE_LINGER).await;
+    }
     Summary {
         id,
-        sent,
-        received,
+        sent: sent.load(Relaxed),
+        received: received.load(Relaxed),
         ending,
     }
-}
-
-/// A WebSocket Close for a code from the other side. Codes that must never appear on the wire
-/// (1005, 1006, 1015, and unassigned ones) become 1011 so the close stays valid.
-pub fn close_message(code: u16, reason: &str) -> Message {
-    let code = CloseCode::from(code);
-    let code = if code.is_allowed() {
-        code
-    } else {
-        CloseCode::Error
-    };
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason.to_string()),
-    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use futures_util::{SinkExt, StreamExt};
     use std::sync::Mutex;
-    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
 
     #[derive(Default)]
     struct Collect(Mutex<Vec<Frame>>);
@@ -389,61 +481,88 @@ mod tests {
         }
     }
 
-    async fn ws_pair() -> (
-        WebSocketStream<tokio::io::DuplexStream>,
+    impl Collect {
+        fn kinds(&self, kind: Kind) -> Vec<Frame> {
+            let frames = self.0.lock().unwrap();
+            frames.iter().filter(|f| f.kind == kind).cloned().collect()
+        }
+    }
+
+    /// A pump on the server side of a WebSocket, with tungstenite (an independent
+    /// implementation) as its client.
+    async fn started(
+        window: u32,
+        max_message: u64,
+    ) -> (
+        SessionHandle,
+        Arc<Collect>,
+        tokio::task::JoinHandle<Summary>,
         WebSocketStream<tokio::io::DuplexStream>,
     ) {
         let (a, b) = tokio::io::duplex(1 << 20);
-        (
-            WebSocketStream::from_raw_socket(a, Role::Server, None).await,
-            WebSocketStream::from_raw_socket(b, Role::Client, None).await,
+        let client = WebSocketStream::from_raw_socket(
+            b,
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
         )
+        .await;
+        let (handle, peer) = new_session(5, window);
+        let sink = Arc::new(Collect::default());
+        let side = WsSide {
+            role: Role::Server,
+            max_message,
+        };
+        let task = tokio::spawn(pump(a, side, peer, sink.clone()));
+        (handle, sink, task, client)
+    }
+
+    async fn until(mut cond: impl FnMut() -> bool) {
+        while !cond() {
+            tokio::task::yield_now().await;
+        }
     }
 
     #[tokio::test]
-    async fn messages_become_chunks_within_the_window_and_back() {
-        let (server, mut client) = ws_pair().await;
+    async fn messages_become_pieces_within_the_window_and_back() {
         let window = 100_000;
-        let (handle, peer) = new_session(5, window);
-        let sink = Arc::new(Collect::default());
-        let task = tokio::spawn(pump(server, peer, sink.clone()));
-
-        // 150 KB: more than the window, so the pump must stop after 100 KB until credit arrives.
+        let (handle, sink, task, mut client) = started(window, 1 << 20).await;
+        // 150 KB: more than the window, so the pump must stop until credit arrives.
         let big = Bytes::from((0..150_000u32).map(|i| i as u8).collect::<Vec<_>>());
         client.send(Message::Binary(big.clone())).await.unwrap();
         client.send(Message::Text("hi".into())).await.unwrap();
-        let total = |sink: &Collect| -> usize {
-            sink.0.lock().unwrap().iter().map(|f| f.payload.len()).sum()
-        };
-        // Chunks are capped at the window: the first fills it, so the pump must stop there.
-        let first = MAX_CHUNK.min(window as usize);
-        while total(&sink) < first {
-            tokio::task::yield_now().await;
-        }
+        let total = || -> usize { sink.kinds(Kind::Data).iter().map(|f| f.payload.len()).sum() };
+        // A piece and its cost never exceed the window: the first fills most of it, and the
+        // second does not fit in what is left.
+        let first = MAX_CHUNK.min(window as usize - FRAME_COST);
+        until(|| total() >= first).await;
         for _ in 0..200 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(total(&sink), first, "pump overran its window");
+        assert_eq!(total(), first, "pump overran its window");
         // Credit for what the far side consumed lets the rest through.
-        handle.deliver(Frame::window(5, first as u32)).unwrap();
-        while total(&sink) < big.len() + 2 {
-            tokio::task::yield_now().await;
-        }
+        handle
+            .deliver(Frame::window(5, (first + FRAME_COST) as u32))
+            .unwrap();
+        until(|| total() >= big.len() + 2).await;
         assert_eq!(
             handle.deliver(Frame::window(5, window)),
             Err(SessionViolation::CreditOverflow { credit: window })
         );
+        let data = sink.kinds(Kind::Data);
+        let mut bytes = Vec::new();
+        for f in data.iter().filter(|f| !f.is_text()) {
+            assert!(f.payload.len() <= MAX_CHUNK);
+            bytes.extend_from_slice(&f.payload);
+        }
+        assert_eq!(bytes, big);
+        assert!(data.last().unwrap().is_fin() && &data.last().unwrap().payload[..] == b"hi");
 
-        // Frames from the link come out as whole messages, in order.
-        handle
-            .deliver(Frame::data(5, false, false, Bytes::from_static(b"ab")))
-            .unwrap();
-        handle
-            .deliver(Frame::data(5, false, true, Bytes::from_static(b"cd")))
-            .unwrap();
-        handle
-            .deliver(Frame::data(5, true, true, Bytes::from_static(b"t")))
-            .unwrap();
+        // Pieces from the link leave as fragments of one message, which the client reassembles.
+        for (text, fin, p) in [(false, false, "ab"), (false, true, "cd"), (true, true, "t")] {
+            handle
+                .deliver(Frame::data(5, text, fin, Bytes::from_static(p.as_bytes())))
+                .unwrap();
+        }
         assert_eq!(
             client.next().await.unwrap().unwrap(),
             Message::Binary(Bytes::from_static(b"abcd"))
@@ -466,48 +585,120 @@ mod tests {
             summary.ending,
             Ending::RemoteClose(Some((4000, "done".into())))
         );
-
-        let frames = sink.0.lock().unwrap();
-        let mut data = BytesMut::new();
-        for f in frames
-            .iter()
-            .filter(|f| f.kind == Kind::Data && !f.is_text())
-        {
-            assert!(f.payload.len() <= MAX_CHUNK);
-            data.extend_from_slice(&f.payload);
-        }
-        assert_eq!(&data[..], &big[..]);
-        assert!(frames
-            .iter()
-            .any(|f| f.kind == Kind::Data && f.is_text() && &f.payload[..] == b"hi"));
     }
 
     #[tokio::test]
-    async fn a_peer_overrunning_the_window_is_refused() {
-        let (handle, _peer) = new_session(1, 10);
-        handle
-            .deliver(Frame::data(
-                1,
-                false,
-                true,
-                Bytes::from_static(b"0123456789"),
-            ))
+    async fn after_the_clients_close_the_far_ends_messages_still_arrive() {
+        let (handle, sink, task, mut client) = started(100_000, 1 << 20).await;
+        client.send(Message::Text("last".into())).await.unwrap();
+        client
+            .send(Message::Close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            })))
+            .await
             .unwrap();
+        until(|| !sink.kinds(Kind::Close).is_empty()).await;
+        assert_eq!(
+            sink.kinds(Kind::Close)[0].close_parts().unwrap(),
+            Some((1000, "bye".into()))
+        );
+        // The far end answers with two messages and then its Close: all reach the client.
+        for reply in ["one", "two"] {
+            handle
+                .deliver(Frame::data(
+                    5,
+                    true,
+                    true,
+                    Bytes::from_static(reply.as_bytes()),
+                ))
+                .unwrap();
+        }
+        handle.deliver(Frame::close(5, 1000, "bye")).unwrap();
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::Text("one".into())
+        );
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::Text("two".into())
+        );
         assert!(matches!(
-            handle.deliver(Frame::data(1, false, true, Bytes::from_static(b"x"))),
-            Err(SessionViolation::WindowExceeded { .. })
+            client.next().await.unwrap().unwrap(),
+            Message::Close(Some(cf)) if u16::from(cf.code) == 1000
         ));
+        let summary = task.await.unwrap();
+        assert_eq!(
+            summary.ending,
+            Ending::LocalClose(Some((1000, "bye".into())))
+        );
     }
 
-    #[test]
-    fn reserved_close_codes_are_replaced() {
-        match close_message(1006, "x") {
-            Message::Close(Some(cf)) => assert_eq!(cf.code, CloseCode::Error),
-            _ => unreachable!(),
+    #[tokio::test]
+    async fn pings_go_to_the_far_end_and_oversized_messages_get_1009() {
+        let (handle, sink, task, mut client) = started(100_000, 1000).await;
+        client
+            .send(Message::Ping(Bytes::from_static(b"are you there")))
+            .await
+            .unwrap();
+        until(|| !sink.kinds(Kind::Ping).is_empty()).await;
+        assert_eq!(&sink.kinds(Kind::Ping)[0].payload[..], b"are you there");
+        // Only the far end's answer comes back.
+        handle
+            .deliver(Frame::new(
+                Kind::Pong,
+                0,
+                5,
+                Bytes::from_static(b"are you there"),
+            ))
+            .unwrap();
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::Pong(Bytes::from_static(b"are you there"))
+        );
+        client
+            .send(Message::Binary(vec![7u8; 1001].into()))
+            .await
+            .unwrap();
+        match client.next().await.unwrap().unwrap() {
+            Message::Close(Some(cf)) => {
+                assert_eq!(u16::from(cf.code), 1009);
+                assert!(cf.reason.contains("1000 bytes"), "{}", cf.reason);
+            }
+            other => panic!("expected close 1009, got {other:?}"),
         }
-        match close_message(4001, "x") {
-            Message::Close(Some(cf)) => assert_eq!(u16::from(cf.code), 4001),
-            _ => unreachable!(),
+        let summary = task.await.unwrap();
+        assert!(matches!(summary.ending, Ending::Refused(1009, _)));
+        assert_eq!(
+            sink.kinds(Kind::Close)
+                .last()
+                .unwrap()
+                .close_parts()
+                .unwrap()
+                .unwrap()
+                .0,
+            1009
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_overrunning_the_window_with_data_or_pings_is_refused() {
+        let (handle, _peer) = new_session(1, 100);
+        let fill = Bytes::from(vec![0u8; 100 - FRAME_COST]);
+        handle.deliver(Frame::data(1, false, true, fill)).unwrap();
+        assert!(matches!(
+            handle.deliver(Frame::data(1, false, true, Bytes::new())),
+            Err(SessionViolation::WindowExceeded { .. })
+        ));
+        // Empty pings cost window too: a flood of them is refused like data.
+        let (handle, _peer) = new_session(1, 1000);
+        let ping = || Frame::new(Kind::Ping, 0, 1, Bytes::new());
+        for _ in 0..1000 / FRAME_COST {
+            handle.deliver(ping()).unwrap();
         }
+        assert!(matches!(
+            handle.deliver(ping()),
+            Err(SessionViolation::WindowExceeded { .. })
+        ));
     }
 }

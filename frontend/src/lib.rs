@@ -5,6 +5,7 @@
 
 use backhaul_common::bridge::{self, BridgeEnd, BridgeSummary};
 use backhaul_common::dial::{dial, DialOptions};
+use backhaul_common::ws::Role;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -58,7 +59,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let dialed = dial(&config.url, &config.dial).await?;
-    Ok(bridge::run(read, write, dialed.ws).await)
+    Ok(bridge::run(read, write, dialed.io, Role::Client).await)
 }
 
 /// Accepts TCP connections on `listener` and carries each to the relay, until `shutdown`.

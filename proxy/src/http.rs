@@ -3,10 +3,10 @@
 
 use crate::hub::{Hub, HubError, RelaySession};
 use backhaul_common::api::{self, Hello, OpenRequest, Opened, LINKS_PATH, PROTOCOL_VERSION};
-use backhaul_common::lazy_read::LazyRead;
-use backhaul_common::session::{pump, FrameSink};
+use backhaul_common::session::{pump, FrameSink, WsSide};
 use backhaul_common::transport::ChunkSource;
 use backhaul_common::wire::{BatchReader, Frame, Kind};
+use backhaul_common::ws::{switching_protocols, websocket_key, Role};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
@@ -15,8 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::Role as TungsteniteRole;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -36,6 +35,8 @@ pub struct Ctx {
     pub agent_token: Option<String>,
     pub client_token: Option<String>,
     pub sessions: TaskTracker,
+    /// Whether clients reach us over TLS (for `X-Forwarded-Proto`).
+    pub secure: bool,
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
@@ -296,9 +297,12 @@ fn agent_websocket(ctx: &Arc<Ctx>, mut req: Request<Incoming>, id: &str) -> Resp
                 return;
             }
         };
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+        let ws = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            TungsteniteRole::Server,
+            Some(config),
+        )
+        .await;
         let (tx, rx) = backhaul_common::transport::ws_halves(ws);
         crate::stream::serve(hub, start, tx, rx, "WebSocket").await;
     });
@@ -357,34 +361,6 @@ impl ChunkSource for IncomingChunks {
             }
         }
     }
-}
-
-/// The `Sec-WebSocket-Key` of a WebSocket upgrade request, if it is one.
-fn websocket_key(req: &Request<Incoming>) -> Option<HeaderValue> {
-    let is_upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    is_upgrade
-        .then(|| req.headers().get(header::SEC_WEBSOCKET_KEY).cloned())
-        .flatten()
-}
-
-/// The 101 answer accepting a WebSocket with `key`, naming `protocol` if one was chosen.
-fn switching_protocols(key: &HeaderValue, protocol: Option<String>) -> Response<Body> {
-    let mut resp = Response::new(full(Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    if let Some(v) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
-    }
-    resp
 }
 
 /// Reads a push body as it streams in, delivering whole frames at once, and returns the ack.
@@ -471,6 +447,43 @@ impl Drop for Unstarted {
     }
 }
 
+/// The handshake headers that reach the backend: the client's [`api::FORWARDED_HEADERS`]
+/// (`Authorization` only when it is not the relay's own credential) and `X-Forwarded-For`,
+/// `-Proto` and `-Host` saying who connected and how, as the relay saw it.
+fn forwarded_headers(
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    secure: bool,
+    pass_authorization: bool,
+) -> Vec<(String, String)> {
+    let h = req.headers();
+    let value = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+    let mut out: Vec<(String, String)> = api::FORWARDED_HEADERS
+        .iter()
+        .filter(|n| !n.starts_with("x-forwarded-"))
+        .filter(|n| pass_authorization || **n != "authorization")
+        .flat_map(|n| {
+            h.get_all(*n)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(|v| (n.to_string(), v.to_string()))
+        })
+        .collect();
+    let xff = match value("x-forwarded-for") {
+        Some(prior) => format!("{prior}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    out.push(("x-forwarded-for".into(), xff));
+    out.push((
+        "x-forwarded-proto".into(),
+        if secure { "https" } else { "http" }.into(),
+    ));
+    if let Some(host) = value("host") {
+        out.push(("x-forwarded-host".into(), host.to_string()));
+    }
+    out
+}
+
 /// Accepts a frontend's WebSocket for `backend` and runs its session.
 async fn frontend_session(
     ctx: Arc<Ctx>,
@@ -497,13 +510,43 @@ async fn frontend_session(
         .map(|p| p.trim().to_string())
         .filter(|p| !p.is_empty())
         .collect();
+    if protocols.len() > api::MAX_PROTOCOLS
+        || protocols.iter().map(String::len).sum::<usize>() > api::MAX_PROTOCOL_BYTES
+    {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "at most {} subprotocols of {} bytes in all may be offered",
+                api::MAX_PROTOCOLS,
+                api::MAX_PROTOCOL_BYTES
+            ),
+        );
+    }
     let path = match req.uri().query() {
-        Some(q) => format!("{}?{q}", if rest.is_empty() { "/" } else { &rest }),
-        None if rest.is_empty() => "/".to_string(),
+        Some(q) => format!("{rest}?{q}"),
         None => rest,
     };
+    if let Err(e) = api::validate_session_path(&path) {
+        let status = match e {
+            api::BadSessionPath::TooLong(_) => StatusCode::URI_TOO_LONG,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        return text(status, e.to_string());
+    }
+    let headers = forwarded_headers(&req, peer, ctx.secure, ctx.client_token.is_none());
+    let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+    if header_bytes > api::MAX_OPEN_HEADER_BYTES {
+        return text(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "the headers passed to the backend (Cookie, Origin, ...) come to {header_bytes} bytes; at most {} are carried",
+                api::MAX_OPEN_HEADER_BYTES
+            ),
+        );
+    }
     let open = OpenRequest {
         path,
+        headers,
         protocols,
         client_addr: Some(peer.to_string()),
     };
@@ -570,12 +613,10 @@ async fn frontend_session(
                     return;
                 }
             };
-            let ws = WebSocketStream::from_raw_socket(
-                LazyRead::new(TokioIo::new(upgraded)),
-                Role::Server,
-                Some(backhaul_common::ws_config()),
-            )
-            .await;
+            let side = WsSide {
+                role: Role::Server,
+                max_message: hub.cfg.max_message,
+            };
             let expiry = {
                 let session = session.clone();
                 let timeout = hub.cfg.open_timeout;
@@ -592,14 +633,14 @@ async fn frontend_session(
                 }
             };
             let summary = tokio::select! {
-                s = pump(ws, session_peer, session.clone()) => s,
+                s = pump(TokioIo::new(upgraded), side, session_peer, session.clone()) => s,
                 _ = expiry => unreachable!("expiry never completes"),
             };
             hub.close_session(&session);
             info!(
                 bytes.up = summary.sent,
                 bytes.down = summary.received,
-                "session ended: {:?}",
+                "session ended: {}",
                 summary.ending
             );
         }

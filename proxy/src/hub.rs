@@ -30,6 +30,8 @@ pub struct HubConfig {
     pub max_batch_bytes: usize,
     pub max_sessions: usize,
     pub max_pending_per_backend: usize,
+    /// Largest data message a client may send; a larger one is refused with close code 1009.
+    pub max_message: u64,
 }
 
 /// Why the hub refused something; the HTTP layer turns these into statuses.

@@ -58,6 +58,7 @@ pub async fn run(
         agent_token: config.agent_token.clone(),
         client_token: config.client_token.clone(),
         sessions: sessions.clone(),
+        secure: config.tls.is_some(),
     });
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
 

@@ -42,6 +42,10 @@ struct Args {
     /// Largest batch the relay sends in one poll response, in KiB.
     #[arg(long, env = "BACKHAUL_MAX_BATCH_KIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=65536))]
     max_batch_kib: u32,
+    /// Largest WebSocket message a client may send, in KiB; a larger one closes the session
+    /// with code 1009 ("message too big") and says the limit.
+    #[arg(long, env = "BACKHAUL_MAX_MESSAGE_KIB", default_value_t = backhaul_common::DEFAULT_MAX_MESSAGE_KIB, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    max_message_kib: u64,
     /// Most sessions held at once.
     #[arg(long, env = "BACKHAUL_MAX_SESSIONS", default_value_t = 20000)]
     max_sessions: usize,
@@ -80,6 +84,7 @@ async fn serve(args: Args) {
             max_batch_bytes: args.max_batch_kib as usize * 1024,
             max_sessions: args.max_sessions,
             max_pending_per_backend: args.max_pending,
+            max_message: args.max_message_kib * 1024,
         },
         agent_token: args.agent_token.filter(|t| !t.is_empty()),
         client_token: args.client_token.filter(|t| !t.is_empty()),
