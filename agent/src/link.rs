@@ -734,15 +734,14 @@ impl Link {
         let Some(handle) = sessions.get(&id).cloned() else {
             return; // ended here first; late frames are dropped
         };
-        let ends = frame.kind == Kind::Close;
+        // A CLOSE leaves the handle in place: the session lives on until its pump has finished
+        // the close handshake (and takes window credit meanwhile).
         if let Err(v) = handle.deliver(frame) {
             warn!(session.id = id, "dropping session: relay {v}");
             handle.terminate(Frame::close(id, 1011, "relay broke flow control"));
             sessions.remove(&id);
             drop(sessions);
             self.send(Frame::abort(id, "flow control violated"));
-        } else if ends {
-            sessions.remove(&id);
         }
     }
 

@@ -324,7 +324,9 @@ where
                     let reason = e.to_string();
                     return match e.close_code() {
                         Some(code) => {
-                            sink.send(Frame::close(id, code, &format!("peer {reason}")));
+                            let why =
+                                format!("the other end of the tunnel closed its peer: {reason}");
+                            sink.send(Frame::close(id, code, &why));
                             ReadEnd::Refused(code, reason)
                         }
                         // A peer that hangs up after our Close has ended the handshake.

@@ -476,15 +476,14 @@ impl Hub {
             let Some(handle) = st.sessions.get(&id).cloned() else {
                 continue; // the session ended here first; late frames are dropped
             };
-            let ends = frame.kind == Kind::Close;
+            // A CLOSE leaves the handle in place: the session lives on until its pump has
+            // finished the close handshake (and takes window credit meanwhile).
             if let Err(v) = handle.deliver(frame) {
                 warn!(session.id = id, link.id = %link.id, "dropping session: {v}");
                 handle.terminate(Frame::close(id, 1011, "agent broke flow control"));
                 st.send.push(Frame::abort(id, "flow control violated"));
                 st.sessions.remove(&id);
                 woke = true;
-            } else if ends {
-                st.sessions.remove(&id);
             }
         }
         drop(st);

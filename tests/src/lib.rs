@@ -12,6 +12,7 @@
 pub mod data;
 pub mod fault;
 pub mod forward_proxy;
+pub mod rawws;
 pub mod services;
 
 use std::net::SocketAddr;
