@@ -2,7 +2,7 @@
 //! becomes one TCP connection to the target service (see `common::bridge` for the convention).
 #![forbid(unsafe_code)]
 
-use backhaul_common::bridge::{self, BridgeEnd};
+use backhaul_common::bridge::{self, BridgeEnd, Wire};
 use backhaul_common::ws::{switching_protocols, websocket_key, Role, WsReader, WsWriter};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -151,8 +151,16 @@ async fn session(stream: TcpStream, config: &Config) {
     };
     let _ = target.set_nodelay(true);
     debug!(path = %path, "connected to target {}", config.target);
+
     let (r, w) = target.into_split();
-    let summary = bridge::run(r, w, ws, Role::Server).await;
+    // Google's tcp-bridge frontend asks for its fixed path: answer in its framing.
+    let path_only = path.split('?').next().unwrap_or_default();
+    let wire = if path_only.ends_with(bridge::GOOGLE_TCPBRIDGE_PATH) {
+        Wire::GoogleTcpBridge
+    } else {
+        Wire::Backhaul
+    };
+    let summary = bridge::run(r, w, ws, Role::Server, wire).await;
     match &summary.end {
         BridgeEnd::Clean => info!(
             bytes.to_target = summary.from_ws,

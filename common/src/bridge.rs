@@ -6,6 +6,13 @@
 //! `shutdown(Write)` on its own socket while it keeps reading. That is how half-close crosses the
 //! stack. When both directions have ended, Close 1000 ends the WebSocket. A TCP error becomes
 //! Close 1011 with a reason; an abnormal Close from the far end aborts the TCP side.
+//!
+//! [`Wire::GoogleTcpBridge`] speaks the framing of Google's tcp-bridge (inverting-proxy
+//! `utils/tcpbridge`) instead, so either half of a Google pair can be replaced by backhaul's:
+//! bytes travel as lower-case hex in text messages of at most 32 KiB of data; binary and empty
+//! text messages mean nothing. That framing cannot say "end of stream", so a TCP end-of-stream
+//! becomes Close 1000 (Google's programs answer it and stop), and the peer ending the WebSocket,
+//! with a Close or by dropping the connection as Google's programs do, ends the TCP side.
 
 use crate::lazy_read::LazyRead;
 use crate::ws::{Event, Role, WsReader, WsWriter};
@@ -52,9 +59,32 @@ pub struct BridgeSummary {
     pub end: BridgeEnd,
 }
 
-/// Carries `tcp_read`/`tcp_write` over the WebSocket on `ws` (handshake done, we are `role`)
-/// until both directions end or either side fails.
-pub async fn run<R, W, S>(mut tcp_read: R, mut tcp_write: W, ws: S, role: Role) -> BridgeSummary
+/// How TCP bytes are framed in WebSocket messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wire {
+    /// backhaul's own: binary messages, an empty one for end-of-stream.
+    #[default]
+    Backhaul,
+    /// Google's tcp-bridge: hex in text messages, no end-of-stream marker.
+    GoogleTcpBridge,
+}
+
+/// The path under which Google's tcp-bridge backend serves, and its frontend asks.
+pub const GOOGLE_TCPBRIDGE_PATH: &str =
+    "/tcp-over-websocket-bridge/35218cb7-1201-4940-89e8-48d8f03fed96";
+
+/// Most TCP bytes per message in Google's framing (what its programs read at once).
+const GOOGLE_CHUNK: usize = 32 * 1024;
+
+/// Carries `tcp_read`/`tcp_write` over the WebSocket on `ws` (handshake done, we are `role`),
+/// framed as `wire` says, until both directions end or either side fails.
+pub async fn run<R, W, S>(
+    mut tcp_read: R,
+    mut tcp_write: W,
+    ws: S,
+    role: Role,
+    wire: Wire,
+) -> BridgeSummary
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -75,8 +105,12 @@ where
         // Reads allocate their buffer only once data is there: idle connections hold none. A
         // message is at most one link frame (MAX_CHUNK), so nothing has to reassemble it.
         let mut tcp_read = LazyRead::new(&mut tcp_read);
+        let max = match wire {
+            Wire::Backhaul => crate::wire::MAX_CHUNK,
+            Wire::GoogleTcpBridge => GOOGLE_CHUNK,
+        };
         loop {
-            let chunk = match tcp_read.read_chunk(crate::wire::MAX_CHUNK).await {
+            let chunk = match tcp_read.read_chunk(max).await {
                 Ok(c) => c,
                 Err(e) => {
                     let reason = format!("TCP read failed: {e}");
@@ -86,7 +120,20 @@ where
             };
             let n = chunk.len();
             let mut sink = sink.lock().await;
-            if let Err(e) = sink.data(false, true, &chunk).await {
+            let sent = match wire {
+                Wire::Backhaul => sink.data(false, true, &chunk).await,
+                Wire::GoogleTcpBridge if n == 0 => {
+                    // No end-of-stream in this framing: say we are done.
+                    up_done.store(true, Relaxed);
+                    let _ = sink.close(Some((1000, ""))).await;
+                    return Ok(());
+                }
+                Wire::GoogleTcpBridge => {
+                    let text = Bytes::from(hex::encode(&chunk));
+                    sink.data(true, true, &text).await
+                }
+            };
+            if let Err(e) = sent {
                 return Err(format!("WebSocket send failed: {e}"));
             }
             if n == 0 {
@@ -104,8 +151,22 @@ where
     let down = async {
         // Bytes of the message being received, to tell the empty end-of-stream marker apart.
         let mut message_len = 0u64;
+        let mut hex = HexPieces::default();
         loop {
             let (fin, payload) = match stream.next(crate::wire::MAX_CHUNK).await {
+                Ok(Event::Data { text, fin, payload }) if wire == Wire::GoogleTcpBridge => {
+                    if !text {
+                        continue; // Google's programs ignore binary messages; so do we
+                    }
+                    match hex.decode(&payload, fin) {
+                        Some(bytes) => (false, bytes),
+                        None => {
+                            let reason = "text message is not hex (Google tcp-bridge framing)";
+                            let _ = sink.lock().await.close(Some((1007, reason))).await;
+                            return BridgeEnd::Failed(reason.into());
+                        }
+                    }
+                }
                 Ok(Event::Data {
                     text: false,
                     fin,
@@ -125,11 +186,22 @@ where
                 Ok(Event::Close(cf)) => {
                     let mut sink = sink.lock().await;
                     let _ = sink.close(cf.as_ref().map(|(c, r)| (*c, r.as_str()))).await;
+                    if wire == Wire::GoogleTcpBridge {
+                        let _ = tcp_write.shutdown().await;
+                        if matches!(cf, None | Some((1000, _))) {
+                            return BridgeEnd::Clean;
+                        }
+                    }
                     return match cf {
                         _ if up_done.load(Relaxed) && down_done.load(Relaxed) => BridgeEnd::Clean,
                         Some((code, reason)) => BridgeEnd::Closed(code, reason),
                         None => BridgeEnd::Closed(1005, String::new()),
                     };
+                }
+                // Google's programs end a session by dropping the connection.
+                Err(crate::ws::WsError::Eof) if wire == Wire::GoogleTcpBridge => {
+                    let _ = tcp_write.shutdown().await;
+                    return BridgeEnd::Clean;
                 }
                 Err(e) => {
                     let reason = format!("WebSocket failed: {e}");
@@ -150,7 +222,7 @@ where
                 }
                 from_ws.fetch_add(payload.len() as u64, Relaxed);
             }
-            if !fin {
+            if !fin || wire == Wire::GoogleTcpBridge {
                 continue;
             }
             let empty = message_len == 0;
@@ -200,6 +272,28 @@ where
     }
 }
 
+/// Decodes hex text that arrives in pieces split anywhere, carrying an odd digit over.
+#[derive(Default)]
+struct HexPieces {
+    carry: Option<u8>,
+}
+
+impl HexPieces {
+    /// The bytes of `piece`; `None` if it is not hex, or a message ends on an odd digit.
+    fn decode(&mut self, piece: &[u8], fin: bool) -> Option<Bytes> {
+        let mut digits = Vec::with_capacity(piece.len() + 1);
+        digits.extend(self.carry.take());
+        digits.extend_from_slice(piece);
+        if digits.len() % 2 == 1 {
+            self.carry = digits.pop();
+        }
+        if fin && self.carry.is_some() {
+            return None;
+        }
+        hex::decode(&digits).ok().map(Bytes::from)
+    }
+}
+
 /// Writes one piece to TCP and flushes it: a socket's flush is free, but stdout (--stdio)
 /// buffers by line, and interactive peers (ssh) wait for bytes that never end in a newline.
 async fn write_tcp<W: AsyncWrite + Unpin>(w: &mut W, b: &Bytes) -> Result<(), String> {
@@ -229,8 +323,8 @@ mod tests {
         let (service, back_tcp) = duplex(1 << 16);
         let (fr, fw) = tokio::io::split(front_tcp);
         let (br, bw) = tokio::io::split(back_tcp);
-        let front = tokio::spawn(run(fr, fw, ws_front, Role::Client));
-        let back = tokio::spawn(run(br, bw, ws_back, Role::Server));
+        let front = tokio::spawn(run(fr, fw, ws_front, Role::Client, Wire::Backhaul));
+        let back = tokio::spawn(run(br, bw, ws_back, Role::Server, Wire::Backhaul));
 
         let request: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7) as u8).collect();
         let reply: Vec<u8> = (0..2_000_000u32).map(|i| (i * 13) as u8).collect();
@@ -276,7 +370,7 @@ mod tests {
         .await;
         let (client, local_tcp) = duplex(1 << 16);
         let (lr, lw) = tokio::io::split(local_tcp);
-        let bridge = tokio::spawn(run(lr, lw, ws_local, Role::Client));
+        let bridge = tokio::spawn(run(lr, lw, ws_local, Role::Client, Wire::Backhaul));
         ws_far
             .send(Message::Close(Some(CloseFrame {
                 code: CloseCode::Error,

@@ -3,7 +3,7 @@
 //! naming the backend it wants.
 #![forbid(unsafe_code)]
 
-use backhaul_common::bridge::{self, BridgeEnd, BridgeSummary};
+use backhaul_common::bridge::{self, BridgeEnd, BridgeSummary, Wire};
 use backhaul_common::dial::{dial, DialOptions};
 use backhaul_common::ws::Role;
 use std::sync::Arc;
@@ -26,11 +26,14 @@ pub struct Config {
     pub url: Url,
     pub dial: DialOptions,
     pub max_connections: usize,
+    /// How TCP bytes are framed (`--wire`).
+    pub wire: Wire,
 }
 
 /// Builds `<relay>/b/<id>` from the relay's URL, keeping any base path and mapping http(s) to
-/// ws(s).
-pub fn session_url(relay: &str, backend_id: &str) -> Result<Url, String> {
+/// ws(s). With Google's framing, the session asks for the path Google's tcp-bridge backend
+/// serves, which the agent appends to its `--backend` URL.
+pub fn session_url(relay: &str, backend_id: &str, wire: Wire) -> Result<Url, String> {
     let mut url = Url::parse(relay).map_err(|e| format!("{relay:?} is not a URL: {e}"))?;
     let scheme = match url.scheme() {
         "ws" | "http" => "ws",
@@ -46,7 +49,10 @@ pub fn session_url(relay: &str, backend_id: &str) -> Result<Url, String> {
     }
     url.set_scheme(scheme)
         .map_err(|_| format!("cannot use {relay:?} as a WebSocket URL"))?;
-    let path = format!("{}/b/{backend_id}", url.path().trim_end_matches('/'));
+    let mut path = format!("{}/b/{backend_id}", url.path().trim_end_matches('/'));
+    if wire == Wire::GoogleTcpBridge {
+        path.push_str(bridge::GOOGLE_TCPBRIDGE_PATH);
+    }
     url.set_path(&path);
     url.set_query(None);
     Ok(url)
@@ -59,7 +65,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let dialed = dial(&config.url, &config.dial).await?;
-    Ok(bridge::run(read, write, dialed.io, Role::Client).await)
+    Ok(bridge::run(read, write, dialed.io, Role::Client, config.wire).await)
 }
 
 /// Accepts TCP connections on `listener` and carries each to the relay, until `shutdown`.
@@ -137,18 +143,30 @@ mod tests {
     #[test]
     fn session_urls() {
         assert_eq!(
-            session_url("http://r:8080", "db").unwrap().as_str(),
+            session_url("http://r:8080", "db", Wire::Backhaul)
+                .unwrap()
+                .as_str(),
             "ws://r:8080/b/db"
         );
         assert_eq!(
-            session_url("https://r/pre/", "db").unwrap().as_str(),
+            session_url("https://r/pre/", "db", Wire::Backhaul)
+                .unwrap()
+                .as_str(),
             "wss://r/pre/b/db"
         );
         assert_eq!(
-            session_url("ws://r:1/?x=1", "db").unwrap().as_str(),
+            session_url("ws://r:1/?x=1", "db", Wire::Backhaul)
+                .unwrap()
+                .as_str(),
             "ws://r:1/b/db"
         );
-        assert!(session_url("ftp://r", "db").is_err());
-        assert!(session_url("nonsense", "db").is_err());
+        assert_eq!(
+            session_url("http://r:8080", "db", Wire::GoogleTcpBridge)
+                .unwrap()
+                .as_str(),
+            "ws://r:8080/b/db/tcp-over-websocket-bridge/35218cb7-1201-4940-89e8-48d8f03fed96"
+        );
+        assert!(session_url("ftp://r", "db", Wire::Backhaul).is_err());
+        assert!(session_url("nonsense", "db", Wire::Backhaul).is_err());
     }
 }

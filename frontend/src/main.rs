@@ -1,3 +1,4 @@
+use backhaul_common::bridge::Wire;
 use backhaul_common::dial::{bearer_headers, DialOptions};
 use backhaul_common::telemetry;
 use backhaul_frontend::Config;
@@ -39,11 +40,22 @@ struct Args {
     /// How long to wait for the relay to accept a WebSocket.
     #[arg(long, env = "BACKHAUL_CONNECT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     connect_timeout_secs: u64,
+    /// How TCP bytes travel in WebSocket messages: backhaul (binary messages, half-close
+    /// carried) or google-tcpbridge (hex in text messages at Google's fixed path, to reach a
+    /// backend of Google's inverting-proxy tcp-bridge through the relay; no half-close).
+    #[arg(long, env = "BACKHAUL_WIRE", default_value = "backhaul")]
+    wire: WireArg,
     /// Most connections carried at once; further clients wait to be accepted.
     #[arg(long, env = "BACKHAUL_MAX_CONNECTIONS", default_value_t = 20000)]
     max_connections: usize,
     #[command(flatten)]
     runtime: backhaul_common::runtime::RuntimeArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum WireArg {
+    Backhaul,
+    GoogleTcpbridge,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -61,7 +73,11 @@ async fn serve(args: Args) {
     if let Err(e) = backhaul_common::api::validate_backend_id(&args.backend_id) {
         fail(format!("--backend-id: {e}"));
     }
-    let url = backhaul_frontend::session_url(&args.relay, &args.backend_id)
+    let wire = match args.wire {
+        WireArg::Backhaul => Wire::Backhaul,
+        WireArg::GoogleTcpbridge => Wire::GoogleTcpBridge,
+    };
+    let url = backhaul_frontend::session_url(&args.relay, &args.backend_id, wire)
         .unwrap_or_else(|e| fail(format!("--relay: {e}")));
     let tls = args.ca_cert.as_deref().map(|ca| {
         backhaul_common::tls::client_config(Some(ca))
@@ -79,6 +95,7 @@ async fn serve(args: Args) {
             ..DialOptions::default()
         },
         max_connections: args.max_connections,
+        wire,
     };
 
     if args.stdio {
