@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of backhaul: unit tests and the end-to-end tests that start the four real
-# programs. Installs what the tests need (tinyproxy and openssl) when it is missing. Extra
+# programs. Installs what the tests need (tinyproxy, openssl, OpenSSH) when it is missing. Extra
 # arguments go to `cargo test` (e.g. a test name filter). Ends with a line
 # "tests: N passed, N failed", also saved in target/test-summary.txt.
 set -euo pipefail
@@ -10,6 +10,12 @@ cd "$(dirname "$0")/.."
 missing=()
 [ -x /usr/bin/tinyproxy ] || [ -x /usr/sbin/tinyproxy ] || missing+=(tinyproxy)
 command -v openssl >/dev/null || missing+=(openssl)
+# OpenSSH: the stdio tests run their own sshd behind the stack (never the system's) and reach it
+# with ssh and scp through `backhaul-frontend --stdio`.
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+for c in ssh scp ssh-keygen; do
+    command -v "$c" >/dev/null || { missing+=(openssh-client); break; }
+done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]} (the end-to-end tests need them)"
     sudo=""

@@ -30,6 +30,11 @@ pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// SHA-256 of `bytes`, in hex, as `sha256sum` prints it.
+pub fn hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// SHA-256 of `len` bytes of stream `seed`, computed in chunks.
 pub fn expected_hash(seed: u64, len: u64) -> String {
     let mut s = Stream::new(seed);

@@ -7,13 +7,15 @@
 //! - [`services`]: echo and other TCP services the tests run in-process;
 //! - [`fault`]: a TCP proxy that cuts every connection after a byte budget;
 //! - [`data`]: deterministic pseudo-random streams and their hashes;
-//! - [`forward_proxy`]: tinyproxy refusing CONNECT, for the agent to go through.
+//! - [`forward_proxy`]: tinyproxy refusing CONNECT, for the agent to go through;
+//! - [`sshd`]: a real OpenSSH server with its own keys, for ssh and scp through `--stdio`.
 
 pub mod data;
 pub mod fault;
 pub mod forward_proxy;
 pub mod rawws;
 pub mod services;
+pub mod sshd;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,7 +23,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
 
 /// Longest wait for a program's ready line.
@@ -77,12 +79,59 @@ pub struct Program {
 impl Program {
     /// Starts `name` with `args` and extra environment. Proxy variables are cleared unless given.
     pub fn spawn(name: &str, args: &[String], env: &[(String, String)]) -> Program {
+        let (mut child, stderr_path) = Self::start(name, args, env, Stdio::null());
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Program {
+            name: name.to_string(),
+            child,
+            stderr_path,
+            lines,
+            addr: None,
+        }
+    }
+
+    /// Starts `name` with its stdin and stdout handed to the test, for `backhaul-frontend
+    /// --stdio`; [`Program::wait_line`] has nothing to watch then.
+    pub fn spawn_piped(
+        name: &str,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> (Program, ChildStdin, ChildStdout) {
+        let (mut child, stderr_path) = Self::start(name, args, env, Stdio::piped());
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (_, lines) = mpsc::unbounded_channel();
+        let program = Program {
+            name: name.to_string(),
+            child,
+            stderr_path,
+            lines,
+            addr: None,
+        };
+        (program, stdin, stdout)
+    }
+
+    fn start(
+        name: &str,
+        args: &[String],
+        env: &[(String, String)],
+        stdin: Stdio,
+    ) -> (Child, PathBuf) {
         let dir = scratch_dir(name);
         let stderr_path = dir.join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr log");
         let mut cmd = Command::new(bin(name));
         cmd.args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
             .env(
@@ -105,26 +154,10 @@ impl Program {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("could not start {name}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Program {
-            name: name.to_string(),
-            child,
-            stderr_path,
-            lines,
-            addr: None,
-        }
+        (child, stderr_path)
     }
 
     /// Starts a program and waits for its `listening on` line.
