@@ -13,6 +13,7 @@
 pub mod data;
 pub mod fault;
 pub mod forward_proxy;
+pub mod google_tcpbridge;
 pub mod rawws;
 pub mod services;
 pub mod sshd;
