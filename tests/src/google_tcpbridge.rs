@@ -71,6 +71,7 @@ async fn start_go(dir: &std::path::Path, name: &str, args: &[String], port: u16)
 }
 
 /// Google's backend: a WebSocket server at [`PATH`] whose sessions each dial `target`.
+#[allow(clippy::result_large_err)] // tungstenite's handshake callback signature
 pub async fn backend(target: SocketAddr) -> Half {
     if let Some(dir) = real_programs() {
         let port = free_port();
