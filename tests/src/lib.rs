@@ -27,6 +27,19 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
 
+/// The environment variables that would send a program's connections through a proxy; the
+/// harness clears them unless a test sets them.
+pub const PROXY_VARS: &[&str] = &[
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
 /// Longest wait for a program's ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for any single network step in a test.
@@ -140,16 +153,7 @@ impl Program {
                 "info,backhaul_common=debug,backhaul_relay=debug,backhaul_agent=debug,backhaul_frontend=debug,backhaul_backend=debug",
             )
             .kill_on_drop(true);
-        for var in [
-            "HTTP_PROXY",
-            "http_proxy",
-            "HTTPS_PROXY",
-            "https_proxy",
-            "ALL_PROXY",
-            "all_proxy",
-            "NO_PROXY",
-            "no_proxy",
-        ] {
+        for var in PROXY_VARS {
             cmd.env_remove(var);
         }
         for (k, v) in env {

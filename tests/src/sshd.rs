@@ -168,17 +168,7 @@ impl Sshd {
             .arg(format!("ProxyCommand={proxy_command}"))
             .env_remove("SSH_AUTH_SOCK")
             .kill_on_drop(true);
-        for var in [
-            "HTTP_PROXY",
-            "http_proxy",
-            "HTTPS_PROXY",
-            "https_proxy",
-            "ALL_PROXY",
-            "all_proxy",
-            "NO_PROXY",
-            "no_proxy",
-            "BACKHAUL_CLIENT_TOKEN",
-        ] {
+        for var in crate::PROXY_VARS.iter().chain(&["BACKHAUL_CLIENT_TOKEN"]) {
             cmd.env_remove(var);
         }
         cmd
