@@ -13,19 +13,15 @@
 //! message never has to be held whole: memory per connection is one read buffer, whatever the
 //! message size. [`WsReader`] and [`WsWriter`] are thin async shells around it.
 
+use crate::lazy_read::{LazyRead, LAZY_READ_CHUNK};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Largest payload of a control frame (RFC 6455 5.5).
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
 /// Largest close reason: a close payload is the 2-byte code and the reason.
 pub const MAX_CLOSE_REASON: usize = MAX_CONTROL_PAYLOAD - 2;
-/// Bytes read from the socket per system call while data flows. The buffer is freed whenever
-/// it is drained, so an idle connection holds none.
-pub const READ_CHUNK: usize = 256 * 1024;
 /// Payloads up to this size are copied next to their header and written in one call; larger
 /// ones are written with the header as a vectored write, without a copy.
 const COPY_BELOW: usize = 4 * 1024;
@@ -241,11 +237,6 @@ impl Decoder {
             }
         }
     }
-
-    /// Whether a data message has begun and not ended.
-    pub fn in_message(&self) -> bool {
-        self.message.is_some()
-    }
 }
 
 /// Parses the frame header at the front of `buf` without consuming it: `(fin, opcode, payload
@@ -423,16 +414,14 @@ pub fn switching_protocols<B: Default>(
 /// Reads a peer's frames from `R`. Holds a read buffer only while bytes are waiting in it.
 #[derive(Debug)]
 pub struct WsReader<R> {
-    io: R,
-    buf: BytesMut,
+    src: LazyRead<R>,
     decoder: Decoder,
 }
 
 impl<R: AsyncRead + Unpin> WsReader<R> {
     pub fn new(io: R, role: Role, max_message: u64) -> Self {
         Self {
-            io,
-            buf: BytesMut::new(),
+            src: LazyRead::new(io),
             decoder: Decoder::new(role, max_message),
         }
     }
@@ -441,46 +430,26 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     /// read frame stays in the buffer.
     pub async fn next(&mut self, max_piece: usize) -> Result<Event, WsError> {
         loop {
-            if let Some(ev) = self.decoder.decode(&mut self.buf, max_piece)? {
+            if let Some(ev) = self.decoder.decode(self.src.buffer(), max_piece)? {
                 return Ok(ev);
             }
-            let n = std::future::poll_fn(|cx| self.poll_fill(cx)).await?;
-            if n == 0 {
+            if self.src.fill().await? == 0 {
                 return Err(WsError::Eof);
             }
         }
-    }
-
-    /// One read into the buffer. While the socket has nothing and the buffer is empty, no
-    /// buffer is held.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.buf.reserve(READ_CHUNK);
-        let r = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf);
-        if self.buf.is_empty() {
-            self.buf = BytesMut::new();
-        }
-        r
-    }
-
-    /// Whether a data message has begun and not ended.
-    pub fn in_message(&self) -> bool {
-        self.decoder.in_message()
     }
 
     /// Reads and discards whatever the peer still sends, until it closes the connection or
     /// `limit` passes. For the end of a close handshake.
     pub async fn drain(&mut self, limit: std::time::Duration) {
         let _ = tokio::time::timeout(limit, async {
-            loop {
-                self.buf.clear();
-                match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+            while let Ok(chunk) = self.src.read_chunk(LAZY_READ_CHUNK).await {
+                if chunk.is_empty() {
+                    break;
                 }
             }
         })
         .await;
-        self.buf = BytesMut::new();
     }
 }
 

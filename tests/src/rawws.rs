@@ -236,6 +236,17 @@ impl RawWs {
         (opcode, data)
     }
 
+    /// The code and reason of the next Close, skipping any other frames before it; `None` if
+    /// the connection closed first.
+    pub async fn next_close(&mut self) -> Option<(u16, String)> {
+        while let Some((_, op, p)) = self.recv().await {
+            if op == CLOSE {
+                return Some(close_parts(&p));
+            }
+        }
+        None
+    }
+
     /// Whether the peer closes the TCP connection (after any frames, which are discarded)
     /// within the wait.
     pub async fn closes_connection(&mut self) -> bool {

@@ -129,14 +129,7 @@ async fn oversized_messages_get_1009_from_either_side() {
     assert_eq!((op, code), (CLOSE, 1009));
     assert!(reason.contains("65536 bytes"), "reason: {reason}");
     // The backend is told too, and why.
-    let mut saw = None;
-    while let Some((_, op, p)) = server.recv().await {
-        if op == CLOSE {
-            saw = Some(close_parts(&p));
-            break;
-        }
-    }
-    let (code, reason) = saw.expect("a close at the backend");
+    let (code, reason) = server.next_close().await.expect("a close at the backend");
     assert_eq!(code, 1009, "{reason}");
 
     // The same limit at the agent, for what the backend sends.
@@ -144,14 +137,7 @@ async fn oversized_messages_get_1009_from_either_side() {
     server.send(true, TEXT, &vec![b'x'; 64 * 1024 + 1]).await;
     let (_, op, p) = server.recv().await.expect("the agent's close");
     assert_eq!((op, close_parts(&p).0), (CLOSE, 1009));
-    let mut saw = None;
-    while let Some((_, op, p)) = client.recv().await {
-        if op == CLOSE {
-            saw = Some(close_parts(&p).0);
-            break;
-        }
-    }
-    assert_eq!(saw, Some(1009));
+    assert_eq!(client.next_close().await.map(|c| c.0), Some(1009));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
