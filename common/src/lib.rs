@@ -14,8 +14,8 @@
 //! | [`backoff`] | jittered exponential backoff for reconnect loops                              |
 //! | [`telemetry`] | tracing set-up, the stdout "ready" lines, shutdown signals                   |
 //!
-//! The async code in the programs is a thin shell around the IO-free logic in `wire` and
-//! `reliable`, which the unit tests drive with byte literals.
+//! The async code in the programs is a thin shell around the IO-free logic in `wire`,
+//! `reliable` and `ws` (its `Decoder`), which the unit tests drive with byte literals.
 #![forbid(unsafe_code)]
 
 pub mod api;
