@@ -10,6 +10,7 @@
 //! | [`bridge`]  | one TCP connection <-> one WebSocket, with the half-close convention          |
 //! | [`dial`]    | opening a WebSocket to a `ws://`/`wss://` URL, optionally via an HTTP proxy   |
 //! | [`listen`]  | accepting TCP connections, with back-off when accept fails                   |
+//! | [`secret`]  | tokens from flags or files, never empty, never printed; their SHA-256       |
 //! | [`tls`]     | loading certificates and keys into rustls configurations                      |
 //! | [`backoff`] | jittered exponential backoff for reconnect loops                              |
 //! | [`telemetry`] | tracing set-up, the stdout "ready" lines, shutdown signals                   |
@@ -26,6 +27,7 @@ pub mod lazy_read;
 pub mod listen;
 pub mod reliable;
 pub mod runtime;
+pub mod secret;
 pub mod session;
 pub mod telemetry;
 pub mod tls;
