@@ -220,6 +220,8 @@ pub enum WireError {
     Truncated(usize),
     #[error("malformed frame payload: {0}")]
     BadPayload(&'static str),
+    #[error("batch starting at sequence {0} runs past the largest sequence number")]
+    SequenceOverflow(u64),
 }
 
 /// Incremental batch decoder: feed it body chunks as they arrive, take frames as soon as they are
@@ -324,7 +326,11 @@ impl BatchReader {
         let Some((kind, flags, session, payload)) = taken else {
             return Ok(None);
         };
-        let seq = header.first_seq + self.frames;
+        // The peer chose first_seq: near u64::MAX the sum would wrap onto old sequence numbers.
+        let seq = header
+            .first_seq
+            .checked_add(self.frames)
+            .ok_or(WireError::SequenceOverflow(header.first_seq))?;
         self.frames += 1;
         Ok(Some((seq, Frame::new(kind, flags, session, payload))))
     }
@@ -487,6 +493,22 @@ mod tests {
             WireError::Truncated(FRAME_HEADER_LEN + 2)
         );
         assert!(decode_batch(&[1, 0, 0]).is_err());
+        // The last sequence number is usable; the frame after it is refused, not wrapped to 0.
+        let two = [
+            Frame::data(1, false, true, Bytes::from_static(b"a")),
+            Frame::data(1, false, true, Bytes::from_static(b"b")),
+        ];
+        let buf = encode(
+            BatchHeader {
+                ack: 0,
+                first_seq: u64::MAX,
+            },
+            &two,
+        );
+        assert_eq!(
+            decode_batch(&buf).unwrap_err(),
+            WireError::SequenceOverflow(u64::MAX)
+        );
         assert!(Frame::new(Kind::Window, 0, 1, Bytes::from_static(b"abc"))
             .window_credit()
             .is_err());
