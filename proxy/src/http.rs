@@ -1,8 +1,10 @@
 //! The relay's HTTP surface: frontends' WebSocket upgrades under `/b/<id>`, the agent API under
 //! `/agent/v1/links`, and `/healthz`. Handlers translate between HTTP and the [`Hub`].
 
+use crate::auth::{Auth, Refusal};
 use crate::hub::{Hub, HubError, RelaySession};
 use backhaul_common::api::{self, Hello, OpenRequest, Opened, LINKS_PATH, PROTOCOL_VERSION};
+use backhaul_common::secret;
 use backhaul_common::session::{pump, FrameSink, WsSide};
 use backhaul_common::transport::ChunkSource;
 use backhaul_common::wire::{BatchReader, Frame, Kind};
@@ -15,6 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_tungstenite::tungstenite::protocol::Role as TungsteniteRole;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
@@ -32,8 +35,9 @@ fn full(b: impl Into<Bytes>) -> Body {
 /// What every request handler can reach.
 pub struct Ctx {
     pub hub: Arc<Hub>,
-    pub agent_token: Option<String>,
-    pub client_token: Option<String>,
+    pub auth: Arc<Auth>,
+    /// How long a registration body may take to arrive (the first-request deadline).
+    pub body_timeout: Duration,
     pub sessions: TaskTracker,
     /// Whether clients reach us over TLS (for `X-Forwarded-Proto`).
     pub secure: bool,
@@ -64,10 +68,13 @@ fn batch(body: Bytes) -> Response<Body> {
 
 fn hub_error(e: HubError) -> Response<Body> {
     let status = match &e {
-        HubError::NoAgent(_) | HubError::PendingFull(..) | HubError::TooManySessions(_) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        HubError::NoAgent(_)
+        | HubError::PendingFull(..)
+        | HubError::TooManySessions(_)
+        | HubError::BackendFull(..) => StatusCode::SERVICE_UNAVAILABLE,
+        HubError::ClientFull(_) => StatusCode::TOO_MANY_REQUESTS,
         HubError::UnknownLink(_) => StatusCode::NOT_FOUND,
+        HubError::WrongCredential(_) => StatusCode::UNAUTHORIZED,
         HubError::Protocol { .. } => StatusCode::BAD_REQUEST,
     };
     text(status, e.to_string())
@@ -97,28 +104,18 @@ pub async fn handle(
     } else if let Some((backend, rest)) = api::split_session_path(&path) {
         let backend = backend.to_string();
         let rest = rest.to_string();
-        let refusal = unauthorized(
-            ctx.client_token.as_deref(),
-            &req,
-            "missing or wrong client token; give the frontend the relay's --client-token",
-        );
-        match refusal {
-            None => frontend_session(ctx, peer, req, backend, rest).await,
-            Some(resp) => {
-                warn!(client.addr = %peer, backend.id = %backend, "refused a session without the right client token");
-                resp
+        let policy = ctx.auth.policy();
+        match policy.client(&backend, secret::presented(req.headers())) {
+            Ok(()) => frontend_session(ctx, peer, req, backend, rest).await,
+            Err(why) => {
+                ctx.auth.log_refusal(|| {
+                    format!("refused a session to backend '{backend}' from {peer}: {why}")
+                });
+                unauthorized(why, "client")
             }
         }
     } else if path == LINKS_PATH || path.starts_with(&format!("{LINKS_PATH}/")) {
-        let refusal = unauthorized(
-            ctx.agent_token.as_deref(),
-            &req,
-            "missing or wrong agent token; give the agent the relay's --agent-token",
-        );
-        match refusal {
-            None => agent_api(ctx, req, &path).await,
-            Some(resp) => resp,
-        }
+        agent_api(ctx, peer, req, &path).await
     } else {
         text(
             StatusCode::NOT_FOUND,
@@ -130,33 +127,44 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// The refusal (401, saying `why`) for a request without the bearer token `want`, if one is
-/// required.
-fn unauthorized(
-    want: Option<&str>,
+/// The 401 for a refused agent or client. It does not say whether the backend ID exists.
+fn unauthorized(why: Refusal, role: &str) -> Response<Body> {
+    let msg = match (why, role) {
+        (Refusal::Missing, "agent") => "this relay requires an agent credential: give the agent its backend's secret (--agent-token or --agent-token-file)",
+        (_, "agent") => "the agent's credential is not valid for this backend ID; check --agent-token and --backend-id against the relay's credentials",
+        (Refusal::Missing, _) => "this relay requires a client credential: give the frontend --client-token or --client-token-file",
+        _ => "the client credential is not valid for this backend ID; check --client-token and the backend ID",
+    };
+    let mut resp = text(StatusCode::UNAUTHORIZED, msg);
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Enters `id` for a request that must carry the link's credential; refusals are logged.
+fn enter_link(
+    ctx: &Ctx,
+    peer: SocketAddr,
     req: &Request<Incoming>,
-    why: &'static str,
-) -> Option<Response<Body>> {
-    let want = want?;
-    let got = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    (!constant_time_eq(got.as_bytes(), want.as_bytes())).then(|| {
-        let mut resp = text(StatusCode::UNAUTHORIZED, why);
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        resp
-    })
+    id: &str,
+) -> Result<(Arc<crate::hub::Link>, crate::hub::InFlight), Box<Response<Body>>> {
+    ctx.hub
+        .enter(id, secret::presented(req.headers()))
+        .map_err(|e| {
+            if let HubError::WrongCredential(_) = &e {
+                ctx.auth
+                    .log_refusal(|| format!("refused a request from {peer}: {e}"));
+            }
+            Box::new(hub_error(e))
+        })
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Response<Body> {
+async fn agent_api(
+    ctx: Arc<Ctx>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    path: &str,
+) -> Response<Body> {
     let hub = &ctx.hub;
     let tail = path[LINKS_PATH.len()..].trim_start_matches('/');
     let mut parts = tail.splitn(2, '/');
@@ -164,7 +172,8 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
     let action = parts.next().unwrap_or("");
     match (req.method().clone(), link_id, action) {
         (Method::POST, "", "") => {
-            let body = match read_body(req, MAX_HELLO_BYTES).await {
+            let presented = secret::presented(req.headers()).map(str::to_string);
+            let body = match read_body(req, MAX_HELLO_BYTES, ctx.body_timeout).await {
                 Ok(b) => b,
                 Err(resp) => return *resp,
             };
@@ -189,7 +198,23 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
             if let Err(e) = api::validate_backend_id(&hello.backend_id) {
                 return text(StatusCode::BAD_REQUEST, e.to_string());
             }
-            let link = hub.register(&hello.backend_id, &hello.agent);
+            let credential = match ctx
+                .auth
+                .policy()
+                .agent(&hello.backend_id, presented.as_deref())
+            {
+                Ok(c) => c,
+                Err(why) => {
+                    ctx.auth.log_refusal(|| {
+                        format!(
+                            "refused an agent registering for backend '{}' from {peer}: {why}",
+                            hello.backend_id
+                        )
+                    });
+                    return unauthorized(why, "agent");
+                }
+            };
+            let link = hub.register(&hello.backend_id, &hello.agent, peer, credential);
             let info = hub.link_info(&link.id);
             let mut resp = Response::new(full(serde_json::to_vec(&info).unwrap_or_default()));
             resp.headers_mut().insert(
@@ -203,9 +228,9 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
                 Some(a) => a,
                 None => return text(StatusCode::BAD_REQUEST, "poll needs ?ack=<number>"),
             };
-            let (link, _guard) = match hub.enter(id) {
+            let (link, _guard) = match enter_link(&ctx, peer, &req, id) {
                 Ok(l) => l,
-                Err(e) => return hub_error(e),
+                Err(resp) => return *resp,
             };
             match hub.poll(&link, ack).await {
                 Ok(body) => batch(body),
@@ -213,9 +238,9 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
             }
         }
         (Method::POST, id, "push") if !id.is_empty() => {
-            let (link, _guard) = match hub.enter(id) {
+            let (link, _guard) = match enter_link(&ctx, peer, &req, id) {
                 Ok(l) => l,
-                Err(e) => return hub_error(e),
+                Err(resp) => return *resp,
             };
             let limit = hub.cfg.max_batch_bytes * 2 + 64 * 1024;
             match push(hub, &link, req, limit).await {
@@ -223,16 +248,16 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
                 Err(e) => link_error(hub, &link, e),
             }
         }
-        (Method::GET, id, "ws") if !id.is_empty() => agent_websocket(&ctx, req, id),
-        (Method::POST, id, "stream") if !id.is_empty() => agent_h2_stream(&ctx, req, id),
-        (Method::DELETE, id, "") if !id.is_empty() => match hub.enter(id) {
+        (Method::GET, id, "ws") if !id.is_empty() => agent_websocket(&ctx, peer, req, id),
+        (Method::POST, id, "stream") if !id.is_empty() => agent_h2_stream(&ctx, peer, req, id),
+        (Method::DELETE, id, "") if !id.is_empty() => match enter_link(&ctx, peer, &req, id) {
             Ok((link, _guard)) => {
                 hub.kill_link(&link, 1001, "the agent shut down");
                 let mut resp = Response::new(full(Bytes::new()));
                 *resp.status_mut() = StatusCode::NO_CONTENT;
                 resp
             }
-            Err(e) => hub_error(e),
+            Err(resp) => *resp,
         },
         (m, _, _) => text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -244,6 +269,7 @@ async fn agent_api(ctx: Arc<Ctx>, req: Request<Incoming>, path: &str) -> Respons
 /// Where a stream starts: the agent's ack from the query, after entering its link.
 fn begin_stream(
     ctx: &Ctx,
+    peer: SocketAddr,
     req: &Request<Incoming>,
     id: &str,
 ) -> Result<crate::stream::Start, Box<Response<Body>>> {
@@ -258,7 +284,7 @@ fn begin_stream(
     let batch = query_u64(req.uri().query(), "batch").map_or(max, |b| {
         (b.min(max as u64) as usize).max(crate::stream::MIN_BATCH.min(max))
     });
-    let (link, guard) = ctx.hub.enter(id).map_err(|e| Box::new(hub_error(e)))?;
+    let (link, guard) = enter_link(ctx, peer, req, id)?;
     match ctx.hub.take_over(&link, ack) {
         Ok(generation) => Ok(crate::stream::Start {
             link,
@@ -272,7 +298,12 @@ fn begin_stream(
 }
 
 /// `GET .../<link>/ws?ack=N` with a WebSocket upgrade: the link's batches, one per message.
-fn agent_websocket(ctx: &Arc<Ctx>, mut req: Request<Incoming>, id: &str) -> Response<Body> {
+fn agent_websocket(
+    ctx: &Arc<Ctx>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    id: &str,
+) -> Response<Body> {
     let key = match websocket_key(&req) {
         Some(k) => k,
         None => {
@@ -282,7 +313,7 @@ fn agent_websocket(ctx: &Arc<Ctx>, mut req: Request<Incoming>, id: &str) -> Resp
             )
         }
     };
-    let start = match begin_stream(ctx, &req, id) {
+    let start = match begin_stream(ctx, peer, &req, id) {
         Ok(s) => s,
         Err(resp) => return *resp,
     };
@@ -293,7 +324,10 @@ fn agent_websocket(ctx: &Arc<Ctx>, mut req: Request<Incoming>, id: &str) -> Resp
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
-                debug!(link.id = %start.link.id, "agent went away during the upgrade: {e}");
+                debug!(
+                    link.id = start.link.short_id(),
+                    "agent went away during the upgrade: {e}"
+                );
                 return;
             }
         };
@@ -311,7 +345,12 @@ fn agent_websocket(ctx: &Arc<Ctx>, mut req: Request<Incoming>, id: &str) -> Resp
 
 /// `POST .../<link>/stream?ack=N` over HTTP/2: the request body streams the agent's batches and
 /// the response body the relay's, each batch preceded by its length.
-fn agent_h2_stream(ctx: &Arc<Ctx>, req: Request<Incoming>, id: &str) -> Response<Body> {
+fn agent_h2_stream(
+    ctx: &Arc<Ctx>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    id: &str,
+) -> Response<Body> {
     if req.version() != http::Version::HTTP_2 {
         // Over HTTP/1.1 a proxy may hold a body back until it ends, which would stall the link.
         return text(
@@ -319,7 +358,7 @@ fn agent_h2_stream(ctx: &Arc<Ctx>, req: Request<Incoming>, id: &str) -> Response
             "streaming agent links need HTTP/2; use the long-poll or WebSocket transport",
         );
     }
-    let start = match begin_stream(ctx, &req, id) {
+    let start = match begin_stream(ctx, peer, &req, id) {
         Ok(s) => s,
         Err(resp) => return *resp,
     };
@@ -379,14 +418,17 @@ async fn push(
             Ok(Some(data)) => data,
             Ok(None) => break,
             Err(e) => {
-                debug!(link.id = %link.id, "push body cut after {received} bytes: {e}");
+                debug!(
+                    link.id = link.short_id(),
+                    "push body cut after {received} bytes: {e}"
+                );
                 return Ok(hub.push_ack(link));
             }
         };
         received += data.len();
         if received > limit {
             return Err(HubError::Protocol {
-                link: link.id.clone(),
+                link: link.short_id().to_string(),
                 what: format!("push body over {limit} bytes"),
             });
         }
@@ -394,14 +436,25 @@ async fn push(
         hub.push_frames(link, &mut reader)?;
     }
     reader.finish().map_err(|e| HubError::Protocol {
-        link: link.id.clone(),
+        link: link.short_id().to_string(),
         what: e.to_string(),
     })?;
     Ok(hub.push_ack(link))
 }
 
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Box<Response<Body>>> {
-    match Limited::new(req.into_body(), limit).collect().await {
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, Box<Response<Body>>> {
+    let read = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect());
+    let Ok(result) = read.await else {
+        return Err(Box::new(text(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request body did not arrive within {timeout:?}"),
+        )));
+    };
+    match result {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) => {
             if e.is::<http_body_util::LengthLimitError>() {
@@ -533,7 +586,8 @@ async fn frontend_session(
         };
         return text(status, e.to_string());
     }
-    let headers = forwarded_headers(&req, peer, ctx.secure, ctx.client_token.is_none());
+    let pass_authorization = !ctx.auth.policy().consumes_client_authorization(&backend);
+    let headers = forwarded_headers(&req, peer, ctx.secure, pass_authorization);
     let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
     if header_bytes > api::MAX_OPEN_HEADER_BYTES {
         return text(
@@ -551,13 +605,22 @@ async fn frontend_session(
         client_addr: Some(peer.to_string()),
     };
     let offered = open.protocols.clone();
-    let (session, session_peer, accepted) = match ctx.hub.open_session(&backend, &open) {
-        Ok(s) => s,
-        Err(e) => {
-            info!(backend.id = %backend, client.addr = %peer, "refused session: {e}");
-            return hub_error(e);
-        }
-    };
+    let cap = ctx.auth.policy().max_sessions(&backend);
+    let (session, session_peer, accepted) =
+        match ctx.hub.open_session(&backend, &open, peer.ip(), cap) {
+            Ok(s) => s,
+            Err(e) => {
+                match e {
+                    HubError::ClientFull(_) | HubError::BackendFull(..) => {
+                        ctx.auth.log_refusal(|| {
+                            format!("refused a session to backend '{backend}' from {peer}: {e}")
+                        })
+                    }
+                    _ => info!(backend.id = %backend, client.addr = %peer, "refused session: {e}"),
+                }
+                return hub_error(e);
+            }
+        };
     let mut unstarted = Unstarted {
         hub: ctx.hub.clone(),
         session: Some(session.clone()),
@@ -663,12 +726,5 @@ mod tests {
         );
         assert_eq!(query_u64(Some("ack=-1"), "ack"), None);
         assert_eq!(query_u64(None, "ack"), None);
-    }
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 }

@@ -2,16 +2,18 @@
 //! and each link's reliable frame streams. HTTP handlers call into this; it does no IO itself
 //! apart from waking waiting polls.
 //!
-//! Lock order: a session's state lock may be held while taking a link's lock, never the reverse;
-//! the hub's lock is never held while taking either.
+//! Lock order: the hub's lock, then a session's state lock, then a link's state lock. A lock may be
+//! taken while holding one earlier in that order, never one later than it.
 
 use backhaul_common::api::{LinkInfo, OpenRequest};
 use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor, StreamNext};
+use backhaul_common::secret::SecretHash;
 use backhaul_common::session::{new_session, FrameSink, SessionHandle, SessionPeer};
 use backhaul_common::wire::{BatchHeader, BatchReader, Frame, Kind};
 use bytes::{Bytes, BytesMut};
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -29,6 +31,10 @@ pub struct HubConfig {
     pub window: u32,
     pub max_batch_bytes: usize,
     pub max_sessions: usize,
+    /// Sessions one backend may hold at once, unless its credentials say otherwise.
+    pub max_sessions_per_backend: usize,
+    /// Sessions one client address may hold at once.
+    pub max_sessions_per_client: usize,
     pub max_pending_per_backend: usize,
     /// Largest data message a client may send; a larger one is refused with close code 1009.
     pub max_message: u64,
@@ -43,8 +49,14 @@ pub enum HubError {
     PendingFull(String, usize),
     #[error("the relay is at its limit of {0} sessions; raise --max-sessions or add relays")]
     TooManySessions(usize),
+    #[error("backend '{0}' is at its limit of {1} sessions (--max-sessions-per-backend, or max_sessions in the credentials file)")]
+    BackendFull(String, usize),
+    #[error("this client address already holds {0} sessions (--max-sessions-per-client)")]
+    ClientFull(usize),
     #[error("unknown or expired link '{0}'; the agent must register again")]
     UnknownLink(String),
+    #[error("a request for link '{0}' did not carry the credential the link was registered with")]
+    WrongCredential(String),
     #[error("protocol error from agent on link '{link}': {what}")]
     Protocol { link: String, what: String },
 }
@@ -60,7 +72,22 @@ pub struct Hub {
 struct HubInner {
     backends: HashMap<String, Backend>,
     links: HashMap<String, Arc<Link>>,
-    sessions: usize,
+    /// IDs of the sessions alive now: a new ID is never one of these.
+    live: HashSet<u32>,
+    per_backend: HashMap<String, usize>,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// Adds `delta` to a counter in `map`, forgetting it at zero.
+fn count<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, usize>, key: &K, up: bool) {
+    if up {
+        *map.entry(key.clone()).or_insert(0) += 1;
+    } else if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -74,6 +101,9 @@ pub struct Link {
     pub id: String,
     pub backend: String,
     pub agent: String,
+    /// The credential the agent registered with: every later request on the link must present
+    /// it too. `None` when the relay requires none of agents.
+    pub credential: Option<SecretHash>,
     state: Mutex<LinkState>,
     /// Wakes whatever serves the link (a poll, or a stream's writer): frames to send, sessions
     /// pending for its backend, an ack to send, or a newer poll or stream taking over.
@@ -97,6 +127,9 @@ struct LinkState {
 pub struct RelaySession {
     pub id: u32,
     pub backend: String,
+    pub client: IpAddr,
+    /// Set by the first [`Hub::close_session`]; later calls do nothing.
+    closed: AtomicBool,
     open: Bytes,
     handle: Arc<SessionHandle>,
     state: Mutex<SessionState>,
@@ -180,6 +213,12 @@ impl RelaySession {
 }
 
 impl Link {
+    /// The link ID shortened for logs: enough to tell links apart, too little to use one (a link
+    /// ID is half of what a request on the link needs; the other half is the credential).
+    pub fn short_id(&self) -> &str {
+        self.id.get(..8).unwrap_or(&self.id)
+    }
+
     /// Queues a frame for the agent and wakes its poll.
     pub fn send(&self, frame: Frame) {
         {
@@ -239,12 +278,19 @@ impl Hub {
         }
     }
 
-    /// Registers a new agent link for `backend`.
-    pub fn register(&self, backend: &str, agent: &str) -> Arc<Link> {
+    /// Registers a new agent link for `backend`, bound to `credential`.
+    pub fn register(
+        &self,
+        backend: &str,
+        agent: &str,
+        addr: std::net::SocketAddr,
+        credential: Option<SecretHash>,
+    ) -> Arc<Link> {
         let link = Arc::new(Link {
             id: uuid::Uuid::new_v4().to_string(),
             backend: backend.to_string(),
             agent: agent.to_string(),
+            credential,
             state: Mutex::new(LinkState {
                 send: SendBuffer::new(),
                 recv: RecvState::new(),
@@ -260,17 +306,31 @@ impl Hub {
         inner.links.insert(link.id.clone(), link.clone());
         let b = inner.backends.entry(backend.to_string()).or_default();
         b.links.push(link.clone());
-        info!(link.id = %link.id, backend.id = backend, agent = agent, agents = b.links.len(), "agent registered");
+        let credential = credential.map_or_else(|| "none".to_string(), |c| c.fingerprint());
+        info!(link.id = link.short_id(), backend.id = backend, agent = agent, agent.addr = %addr, credential, agents = b.links.len(), "agent registered");
         link
     }
 
-    /// Looks up a live link and marks a request in flight on it.
-    pub fn enter(&self, link_id: &str) -> Result<(Arc<Link>, InFlight), HubError> {
+    /// Looks up a live link and marks a request in flight on it. The request must present the
+    /// credential the link was registered with (`presented`: its bearer token); otherwise the
+    /// link is as good as unknown to it.
+    pub fn enter(
+        &self,
+        link_id: &str,
+        presented: Option<&str>,
+    ) -> Result<(Arc<Link>, InFlight), HubError> {
+        let unknown = || HubError::UnknownLink(link_id.get(..8).unwrap_or(link_id).to_string());
         let link = lock(&self.inner)
             .links
             .get(link_id)
             .cloned()
-            .ok_or_else(|| HubError::UnknownLink(link_id.to_string()))?;
+            .ok_or_else(unknown)?;
+        if let Some(want) = &link.credential {
+            let got = presented.map(|p| SecretHash::of(p.as_bytes()));
+            if !got.is_some_and(|g| want.matches(&g)) {
+                return Err(HubError::WrongCredential(link.short_id().to_string()));
+            }
+        }
         link.touch(1);
         let guard = InFlight(link.clone());
         Ok((link, guard))
@@ -285,6 +345,8 @@ impl Hub {
         &self,
         backend: &str,
         open: &OpenRequest,
+        client: IpAddr,
+        backend_cap: Option<usize>,
     ) -> Result<
         (
             Arc<RelaySession>,
@@ -294,9 +356,17 @@ impl Hub {
         HubError,
     > {
         let payload = Bytes::from(serde_json::to_vec(open).unwrap_or_default());
-        let mut inner = lock(&self.inner);
-        if inner.sessions >= self.cfg.max_sessions {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        if inner.live.len() >= self.cfg.max_sessions {
             return Err(HubError::TooManySessions(self.cfg.max_sessions));
+        }
+        let cap = backend_cap.unwrap_or(self.cfg.max_sessions_per_backend);
+        if inner.per_backend.get(backend).copied().unwrap_or(0) >= cap {
+            return Err(HubError::BackendFull(backend.to_string(), cap));
+        }
+        if inner.per_client.get(&client).copied().unwrap_or(0) >= self.cfg.max_sessions_per_client {
+            return Err(HubError::ClientFull(self.cfg.max_sessions_per_client));
         }
         let b = match inner.backends.get_mut(backend) {
             Some(b) if !b.links.is_empty() => b,
@@ -306,14 +376,20 @@ impl Hub {
         if b.pending.len() >= self.cfg.max_pending_per_backend {
             return Err(HubError::PendingFull(backend.to_string(), b.pending.len()));
         }
-        let mut id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        if id == 0 {
-            id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        }
+        // The counter wraps after 2^32 sessions: skip 0 and every ID still alive, so a new
+        // session never takes over a live one's frames. (At most max_sessions are alive.)
+        let id = loop {
+            let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+            if id != 0 && !inner.live.contains(&id) {
+                break id;
+            }
+        };
         let (handle, peer) = new_session(id, self.cfg.window);
         let session = Arc::new(RelaySession {
             id,
             backend: backend.to_string(),
+            client,
+            closed: AtomicBool::new(false),
             open: payload,
             handle: Arc::new(handle),
             state: Mutex::new(SessionState::Pending(Vec::new())),
@@ -324,15 +400,47 @@ impl Hub {
         for link in &b.links {
             link.wake();
         }
-        inner.sessions += 1;
+        inner.live.insert(id);
+        count(&mut inner.per_backend, &backend.to_string(), true);
+        count(&mut inner.per_client, &client, true);
         Ok((session, peer, accepted))
     }
 
-    /// Call when a session's pump has ended.
+    /// Call when a session's pump has ended (more calls do nothing).
     pub fn close_session(&self, session: &RelaySession) {
+        if session.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
         session.finish();
         let mut inner = lock(&self.inner);
-        inner.sessions = inner.sessions.saturating_sub(1);
+        inner.live.remove(&session.id);
+        count(&mut inner.per_backend, &session.backend, false);
+        count(&mut inner.per_client, &session.client, false);
+    }
+
+    /// Sessions open now: in all, to `backend`, and from `client`.
+    pub fn session_counts(&self, backend: &str, client: IpAddr) -> (usize, usize, usize) {
+        let inner = lock(&self.inner);
+        (
+            inner.live.len(),
+            inner.per_backend.get(backend).copied().unwrap_or(0),
+            inner.per_client.get(&client).copied().unwrap_or(0),
+        )
+    }
+
+    /// Closes the links whose credential `allowed` no longer accepts (after a credentials
+    /// reload); the others and their sessions go on untouched. Returns how many were closed.
+    pub fn revoke(&self, allowed: impl Fn(&str, Option<SecretHash>) -> bool) -> usize {
+        let links: Vec<Arc<Link>> = lock(&self.inner).links.values().cloned().collect();
+        let mut closed = 0;
+        for link in links {
+            if !allowed(&link.backend, link.credential) {
+                warn!(link.id = link.short_id(), backend.id = %link.backend, "closing agent link: its credential was removed from the credentials file");
+                self.kill_link(&link, 1008, "the agent's credential was revoked");
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Moves sessions waiting for this link's backend onto the link.
@@ -348,7 +456,11 @@ impl Hub {
         let mut unbound = Vec::new();
         for s in claimed {
             if s.bind(link) {
-                debug!(session.id = s.id, link.id = %link.id, "session handed to agent");
+                debug!(
+                    session.id = s.id,
+                    link.id = link.short_id(),
+                    "session handed to agent"
+                );
             } else if s.is_pending() {
                 unbound.push(s);
             }
@@ -374,7 +486,7 @@ impl Hub {
             {
                 let st = lock(&link.state);
                 if st.dead {
-                    return Err(HubError::UnknownLink(link.id.clone()));
+                    return Err(HubError::UnknownLink(link.short_id().to_string()));
                 }
                 // A newer poll from the same agent supersedes this one (the agent gave up on it).
                 if st.generation != generation || st.send.has_from(ack) {
@@ -398,10 +510,10 @@ impl Hub {
         let generation = {
             let mut st = lock(&link.state);
             if st.dead {
-                return Err(HubError::UnknownLink(link.id.clone()));
+                return Err(HubError::UnknownLink(link.short_id().to_string()));
             }
             st.send.ack(ack).map_err(|e| HubError::Protocol {
-                link: link.id.clone(),
+                link: link.short_id().to_string(),
                 what: e.to_string(),
             })?;
             st.generation += 1;
@@ -422,7 +534,7 @@ impl Hub {
     ) -> Result<Option<StreamNext>, HubError> {
         let st = lock(&link.state);
         if st.dead {
-            return Err(HubError::UnknownLink(link.id.clone()));
+            return Err(HubError::UnknownLink(link.short_id().to_string()));
         }
         if st.generation != generation {
             return Ok(None);
@@ -442,12 +554,12 @@ impl Hub {
     /// come in, so a push cut half-way still delivers what it carried.
     pub fn push_frames(&self, link: &Arc<Link>, reader: &mut BatchReader) -> Result<(), HubError> {
         let protocol = |what: String| HubError::Protocol {
-            link: link.id.clone(),
+            link: link.short_id().to_string(),
             what,
         };
         let mut st = lock(&link.state);
         if st.dead {
-            return Err(HubError::UnknownLink(link.id.clone()));
+            return Err(HubError::UnknownLink(link.short_id().to_string()));
         }
         let first = !reader.has_header();
         if let Some(header) = reader.header().map_err(|e| protocol(e.to_string()))? {
@@ -469,7 +581,11 @@ impl Hub {
                     return Err(protocol("agent sent an OPEN frame".into()));
                 }
                 Kind::Opened => {
-                    debug!(session.id = id, link.id = %link.id, "backend accepted the session");
+                    debug!(
+                        session.id = id,
+                        link.id = link.short_id(),
+                        "backend accepted the session"
+                    );
                 }
                 _ => {}
             }
@@ -479,7 +595,11 @@ impl Hub {
             // A CLOSE leaves the handle in place: the session lives on until its pump has
             // finished the close handshake (and takes window credit meanwhile).
             if let Err(v) = handle.deliver(frame) {
-                warn!(session.id = id, link.id = %link.id, "dropping session: {v}");
+                warn!(
+                    session.id = id,
+                    link.id = link.short_id(),
+                    "dropping session: {v}"
+                );
                 handle.terminate(Frame::close(id, 1011, "agent broke flow control"));
                 st.send.push(Frame::abort(id, "flow control violated"));
                 st.sessions.remove(&id);
@@ -531,7 +651,7 @@ impl Hub {
                     inner.backends.remove(&link.backend);
                 }
             }
-            info!(link.id = %link.id, backend.id = %link.backend, sessions = sessions.len(), agents_left = left, "agent link closed: {reason}");
+            info!(link.id = link.short_id(), backend.id = %link.backend, sessions = sessions.len(), agents_left = left, "agent link closed: {reason}");
         }
     }
 
@@ -544,7 +664,7 @@ impl Hub {
                 st.in_flight == 0 && st.last_seen.elapsed() > self.cfg.agent_timeout
             };
             if quiet {
-                warn!(link.id = %link.id, backend.id = %link.backend, "agent stopped polling for {:?}; closing its link", self.cfg.agent_timeout);
+                warn!(link.id = link.short_id(), backend.id = %link.backend, "agent stopped polling for {:?}; closing its link", self.cfg.agent_timeout);
                 let reason = format!(
                     "the agent for backend '{}' stopped responding",
                     link.backend

@@ -2,17 +2,24 @@
 //! inside private networks collect those sessions over a WebSocket, an HTTP/2 stream or long-poll
 //! HTTP requests, and exchange their messages in batches (see `docs/protocol.md`).
 //!
+//! - [`auth`]: who may serve and reach which backend (credentials file, shared tokens, open);
+//! - [`conn`]: connection caps, the first-request deadline and the idle timeout;
 //! - [`hub`]: which agents serve which backend, pending sessions, the links' reliable streams;
 //! - [`http`]: the HTTP surface that translates requests into hub calls;
 //! - [`stream`]: the relay's half of the streaming agent transports (WebSocket, HTTP/2).
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod conn;
 pub mod http;
 pub mod hub;
 pub mod stream;
 
 use anyhow::Context;
+use auth::{Auth, Policy};
 use backhaul_common::transport::{H2_CONNECTION_WINDOW, H2_MAX_FRAME, H2_STREAM_WINDOW};
+use conn::{Activity, ConnConfig, ConnLimits};
+use http_body_util::BodyExt;
 use hub::{Hub, HubConfig};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -22,24 +29,33 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 /// How often quiet agent links are looked for.
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a client may take to send its request headers.
+/// How long a client may take to send a request's headers (after the first request, whose
+/// deadline is [`ConnConfig::first_request_timeout`]).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 pings on a connection quiet for this long; a peer that does not answer within
+/// [`H2_KEEPALIVE_TIMEOUT`] is gone.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Concurrent HTTP/2 streams per connection (an agent needs a handful).
+const H2_MAX_STREAMS: u32 = 128;
+/// Largest HTTP/2 header block accepted.
+const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
+/// How long a connection closed for idleness gets to finish what it is writing.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for sessions and requests to finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// The relay's settings, already validated.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Config {
     pub hub: HubConfig,
-    /// Bearer token agents must present; `None` lets any agent register.
-    pub agent_token: Option<String>,
-    /// Bearer token frontends (and other WebSocket clients of `/b/<id>`) must present; `None`
-    /// lets anyone who reaches the relay open sessions.
-    pub client_token: Option<String>,
+    /// Who may register agents and open sessions.
+    pub policy: Policy,
+    pub conn: ConnConfig,
     /// TLS for the listener; `None` serves plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -53,15 +69,22 @@ pub async fn run(
     let hub = Arc::new(Hub::new(config.hub.clone()));
     let sessions = TaskTracker::new();
     let connections = TaskTracker::new();
+    let auth = Arc::new(Auth::new(config.policy));
+    let limits = ConnLimits::new(config.conn.clone());
     let ctx = Arc::new(http::Ctx {
         hub: hub.clone(),
-        agent_token: config.agent_token.clone(),
-        client_token: config.client_token.clone(),
+        auth: auth.clone(),
+        body_timeout: config.conn.first_request_timeout,
         sessions: sessions.clone(),
         secure: config.tls.is_some(),
     });
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
 
+    let reloader = tokio::spawn(reload_on_hangup(
+        auth.clone(),
+        hub.clone(),
+        shutdown.clone(),
+    ));
     let reaper = {
         let hub = hub.clone();
         let shutdown = shutdown.clone();
@@ -88,7 +111,11 @@ pub async fn run(
         .initial_stream_window_size(Some(H2_STREAM_WINDOW))
         .initial_connection_window_size(Some(H2_CONNECTION_WINDOW))
         .max_frame_size(Some(H2_MAX_FRAME))
-        .max_send_buf_size(H2_STREAM_WINDOW as usize);
+        .max_send_buf_size(H2_STREAM_WINDOW as usize)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
     let builder = Arc::new(builder);
 
     loop {
@@ -96,21 +123,52 @@ pub async fn run(
         else {
             break;
         };
+        let slot = match limits.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                // Closed at once: a refused client gets a reset, not a slot in the backlog.
+                drop(stream);
+                auth.log_refusal(|| format!("refused a connection from {peer}: {why}"));
+                continue;
+            }
+        };
         let ctx = ctx.clone();
         let builder = builder.clone();
         let tls = tls.clone();
         let shutdown = shutdown.clone();
+        let limits = limits.clone();
         let span = tracing::debug_span!("conn", client.addr = %peer);
         connections.spawn(
             async move {
+                let _slot = slot;
+                let cfg = limits.config();
+                let deadline = tokio::time::Instant::now() + cfg.first_request_timeout;
                 let result = match tls {
-                    None => serve(&builder, TokioIo::new(stream), ctx, peer, shutdown).await,
+                    None => {
+                        serve(
+                            &builder,
+                            TokioIo::new(stream),
+                            ctx,
+                            peer,
+                            cfg,
+                            deadline,
+                            shutdown,
+                        )
+                        .await
+                    }
                     Some(acceptor) => {
-                        match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream))
-                            .await
-                        {
+                        match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                             Ok(Ok(tls_stream)) => {
-                                serve(&builder, TokioIo::new(tls_stream), ctx, peer, shutdown).await
+                                serve(
+                                    &builder,
+                                    TokioIo::new(tls_stream),
+                                    ctx,
+                                    peer,
+                                    cfg,
+                                    deadline,
+                                    shutdown,
+                                )
+                                .await
                             }
                             Ok(Err(e)) => {
                                 debug!("TLS handshake failed: {e}");
@@ -133,6 +191,7 @@ pub async fn run(
 
     info!("draining: closing agent links and sessions");
     reaper.abort();
+    reloader.abort();
     hub.shutdown();
     connections.close();
     sessions.close();
@@ -147,24 +206,84 @@ pub async fn run(
     Ok(())
 }
 
+/// Serves one connection until it ends, the relay shuts down, or its watchdog finds it quiet: no
+/// first request by `first_deadline`, or no request in flight for the idle timeout.
 async fn serve<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     ctx: Arc<http::Ctx>,
     peer: std::net::SocketAddr,
+    cfg: &ConnConfig,
+    first_deadline: tokio::time::Instant,
     shutdown: CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| http::handle(ctx.clone(), peer, req));
+    let activity = Activity::new();
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let busy = activity.busy();
+            let ctx = ctx.clone();
+            async move {
+                let resp = http::handle(ctx, peer, req).await?;
+                // The request stays in flight until its response body is done: a streaming link's
+                // body lives as long as the link.
+                Ok::<_, std::convert::Infallible>(resp.map(|body| {
+                    body.map_frame(move |f| {
+                        let _in_flight = &busy;
+                        f
+                    })
+                    .boxed()
+                }))
+            }
+        })
+    };
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
+    let first = first_deadline.saturating_duration_since(tokio::time::Instant::now());
     tokio::select! {
         r = conn.as_mut() => r,
+        quiet = activity.until_idle(first, cfg.idle_timeout) => {
+            debug!("closing a quiet connection: {quiet:?}");
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
+        }
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
+        }
+    }
+}
+
+/// Reads the credentials file again on each SIGHUP; links whose credential is gone are closed.
+async fn reload_on_hangup(auth: Arc<Auth>, hub: Arc<Hub>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot listen for SIGHUP, so credentials cannot be reloaded: {e}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            r = hangups.recv() => if r.is_none() { return },
+            _ = shutdown.cancelled() => return,
+        }
+        match auth.reload() {
+            Ok(None) => info!("SIGHUP: no --credentials file, nothing to reload"),
+            Ok(Some(policy)) => {
+                let closed =
+                    hub.revoke(|backend, credential| policy.still_allows(backend, credential));
+                let backends = match &*policy {
+                    Policy::PerBackend { backends, .. } => backends.len(),
+                    _ => 0,
+                };
+                info!(backends, links_closed = closed, "credentials reloaded");
+            }
+            Err(e) => error!("credentials NOT reloaded, the previous ones stay in force: {e}"),
         }
     }
 }

@@ -42,7 +42,7 @@ pub async fn serve<T: BatchTx, R: BatchRx>(
         batch,
     } = start;
     let silence = hub.cfg.poll_hold + hub.cfg.agent_timeout;
-    debug!(link.id = %link.id, backend.id = %link.backend, "agent streaming over {transport}");
+    debug!(link.id = link.short_id(), backend.id = %link.backend, "agent streaming over {transport}");
 
     let reader = async {
         loop {
@@ -54,7 +54,7 @@ pub async fn serve<T: BatchTx, R: BatchRx>(
             let mut reader = BatchReader::from_message(batch);
             let delivered = hub.push_frames(&link, &mut reader).and_then(|()| {
                 reader.finish().map(|_| ()).map_err(|e| HubError::Protocol {
-                    link: link.id.clone(),
+                    link: link.short_id().to_string(),
                     what: e.to_string(),
                 })
             });
@@ -91,5 +91,5 @@ pub async fn serve<T: BatchTx, R: BatchRx>(
         why = reader => why,
         why = writer => why,
     };
-    debug!(link.id = %link.id, backend.id = %link.backend, "agent {transport} stream ended: {why}");
+    debug!(link.id = link.short_id(), backend.id = %link.backend, "agent {transport} stream ended: {why}");
 }

@@ -209,7 +209,7 @@ async fn tokens_keep_strangers_out() {
         &[(s("BACKHAUL_AGENT_TOKEN"), s("a-guess"))],
     );
     stranger
-        .wait_stderr("401 Unauthorized: missing or wrong agent token")
+        .wait_stderr("401 Unauthorized: the agent's credential is not valid")
         .await;
     drop(stranger);
     let _agent = agent(
@@ -225,7 +225,7 @@ async fn tokens_keep_strangers_out() {
     expect_ws_refused(
         format!("ws://{}/b/guarded", relay.addr()),
         401,
-        "client token",
+        "client credential",
     )
     .await;
 
@@ -243,7 +243,7 @@ async fn tokens_keep_strangers_out() {
         "frontend kept the client waiting although the relay refused it",
     )
     .await;
-    wrong.wait_stderr("missing or wrong client token").await;
+    wrong.wait_stderr("client credential is not valid").await;
 
     // The frontend with the right token (from the environment) carries bytes intact.
     let right = frontend(
