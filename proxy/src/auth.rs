@@ -471,6 +471,13 @@ max_sessions = 5
     }
 
     #[test]
+    fn the_example_file_parses() {
+        let b = parse(include_str!("../../dist/credentials.toml")).unwrap();
+        assert_eq!(b["intranet"].max_sessions, Some(500));
+        assert_eq!(b["status-page"].clients, Clients::Public);
+    }
+
+    #[test]
     fn refusal_logs_are_rate_limited() {
         let log = RateLimitedLog::new(2, Duration::from_secs(3600));
         let mut made = 0;
