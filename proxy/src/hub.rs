@@ -66,6 +66,8 @@ pub struct Hub {
     pub cfg: HubConfig,
     inner: Mutex<HubInner>,
     next_session: AtomicU32,
+    /// Set by [`Hub::shutdown`]: dying links' sessions are closed, not re-queued.
+    shutting_down: AtomicBool,
 }
 
 #[derive(Default)]
@@ -115,7 +117,7 @@ struct LinkState {
     send: SendBuffer,
     /// agent -> relay sequence tracking.
     recv: RecvState,
-    sessions: HashMap<u32, Arc<SessionHandle>>,
+    sessions: HashMap<u32, Arc<RelaySession>>,
     dead: bool,
     last_seen: Instant,
     in_flight: usize,
@@ -130,6 +132,10 @@ pub struct RelaySession {
     pub client: IpAddr,
     /// Set by the first [`Hub::close_session`]; later calls do nothing.
     closed: AtomicBool,
+    /// Whether anything but the OPEN has crossed the link for this session, either way. Until
+    /// then the session can move to another agent if its link dies: nothing of the client's
+    /// reached a backend, and nothing of a backend's reached the client.
+    exchanged: AtomicBool,
     open: Bytes,
     handle: Arc<SessionHandle>,
     state: Mutex<SessionState>,
@@ -152,7 +158,10 @@ impl FrameSink for RelaySession {
         let mut st = lock(&self.state);
         match &mut *st {
             SessionState::Pending(buf) => buf.push(frame),
-            SessionState::Bound(link) => link.send(frame),
+            SessionState::Bound(link) => {
+                self.exchanged.store(true, Ordering::Release);
+                link.send(frame)
+            }
             SessionState::Finished => {}
         }
     }
@@ -202,12 +211,30 @@ impl RelaySession {
             }
             ls.send
                 .push(Frame::new(Kind::Open, 0, self.id, self.open.clone()));
+            if !buffered.is_empty() {
+                self.exchanged.store(true, Ordering::Release);
+            }
             for f in buffered.drain(..) {
                 ls.send.push(f);
             }
-            ls.sessions.insert(self.id, self.handle.clone());
+            ls.sessions.insert(self.id, self.clone());
         }
         *st = SessionState::Bound(link.clone());
+        true
+    }
+
+    /// Takes a session back from dead `link` if nothing but its OPEN went over it (see
+    /// `exchanged`): it waits for another agent as if it had just been opened.
+    fn unbind(&self, link: &Arc<Link>) -> bool {
+        let mut st = lock(&self.state);
+        match &*st {
+            SessionState::Bound(l) if Arc::ptr_eq(l, link) => {}
+            _ => return false,
+        }
+        if self.exchanged.load(Ordering::Acquire) {
+            return false;
+        }
+        *st = SessionState::Pending(Vec::new());
         true
     }
 }
@@ -265,6 +292,7 @@ impl Hub {
             cfg,
             inner: Mutex::new(HubInner::default()),
             next_session: AtomicU32::new(1),
+            shutting_down: AtomicBool::new(false),
         }
     }
 
@@ -390,6 +418,7 @@ impl Hub {
             backend: backend.to_string(),
             client,
             closed: AtomicBool::new(false),
+            exchanged: AtomicBool::new(false),
             open: payload,
             handle: Arc::new(handle),
             state: Mutex::new(SessionState::Pending(Vec::new())),
@@ -589,9 +618,11 @@ impl Hub {
                 }
                 _ => {}
             }
-            let Some(handle) = st.sessions.get(&id).cloned() else {
+            let Some(session) = st.sessions.get(&id).cloned() else {
                 continue; // the session ended here first; late frames are dropped
             };
+            session.exchanged.store(true, Ordering::Release);
+            let handle = &session.handle;
             // A CLOSE leaves the handle in place: the session lives on until its pump has
             // finished the close handshake (and takes window credit meanwhile).
             if let Err(v) = handle.deliver(frame) {
@@ -625,7 +656,9 @@ impl Hub {
         out.freeze()
     }
 
-    /// Declares a link dead: its sessions are closed with `reason` and it is forgotten.
+    /// Declares a link dead and forgets it. Its sessions that exchanged nothing over it but the
+    /// OPEN go back to waiting for an agent (a session handed to an agent that died at that
+    /// moment is not lost); the others are closed with `reason`.
     pub fn kill_link(&self, link: &Arc<Link>, code: u16, reason: &str) {
         let sessions = {
             let mut st = lock(&link.state);
@@ -635,14 +668,33 @@ impl Hub {
             st.dead = true;
             std::mem::take(&mut st.sessions)
         };
-        for (id, handle) in &sessions {
-            handle.terminate(Frame::close(*id, code, reason));
+        let shutting_down = self.shutting_down.load(Ordering::Acquire);
+        let mut requeued = Vec::new();
+        for (id, session) in &sessions {
+            if !shutting_down && session.unbind(link) {
+                requeued.push(session.clone());
+            } else {
+                session.handle.terminate(Frame::close(*id, code, reason));
+            }
         }
         link.wake();
         let mut inner = lock(&self.inner);
         inner.links.remove(&link.id);
         if let Some(b) = inner.backends.get_mut(&link.backend) {
             b.links.retain(|l| !Arc::ptr_eq(l, link));
+            if !requeued.is_empty() {
+                debug!(
+                    link.id = link.short_id(),
+                    sessions = requeued.len(),
+                    "sessions the dead link had not started wait for another agent"
+                );
+                for s in requeued.into_iter().rev() {
+                    b.pending.push_front(s);
+                }
+                for l in &b.links {
+                    l.wake();
+                }
+            }
             let left = b.links.len();
             if left == 0 {
                 // Nobody can take the waiting sessions any more: new agents get them if they come
@@ -676,6 +728,7 @@ impl Hub {
 
     /// Closes every link and session (relay shutdown).
     pub fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
         let links: Vec<Arc<Link>> = lock(&self.inner).links.values().cloned().collect();
         for link in links {
             self.kill_link(&link, 1001, "relay is shutting down");
@@ -685,5 +738,139 @@ impl Hub {
     /// Number of live agent links (for health output).
     pub fn link_count(&self) -> usize {
         lock(&self.inner).links.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Hub {
+        Hub::new(HubConfig {
+            poll_hold: Duration::from_secs(1),
+            agent_timeout: Duration::from_secs(1),
+            open_timeout: Duration::from_secs(1),
+            window: 64 * 1024,
+            max_batch_bytes: 64 * 1024,
+            max_sessions: 4,
+            max_sessions_per_backend: 3,
+            max_sessions_per_client: 2,
+            max_pending_per_backend: 16,
+            max_message: 1 << 20,
+        })
+    }
+
+    fn open() -> OpenRequest {
+        OpenRequest {
+            path: "/".into(),
+            headers: vec![],
+            protocols: vec![],
+            client_addr: None,
+        }
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    const AGENT: &str = "127.0.0.1:1";
+
+    #[test]
+    fn a_session_handed_to_an_agent_that_died_moves_to_the_next() {
+        let hub = hub();
+        let dead = hub.register("b", "dead", AGENT.parse().unwrap(), None);
+        let (s, _peer, _) = hub.open_session("b", &open(), ip(1), None).unwrap();
+        hub.claim_pending(&dead);
+        assert!(!s.is_pending(), "the first agent took it");
+        let alive = hub.register("b", "alive", AGENT.parse().unwrap(), None);
+        hub.kill_link(&dead, 1011, "agent stopped responding");
+        assert!(
+            s.is_pending(),
+            "only the OPEN went to the dead agent: it waits again"
+        );
+        hub.claim_pending(&alive);
+        assert!(lock(&alive.state).sessions.contains_key(&s.id));
+        assert!(
+            lock(&alive.state).send.has_from(0),
+            "its OPEN went out again"
+        );
+
+        // Once client data has gone over a link, its death ends the session instead.
+        FrameSink::send(
+            &*s,
+            Frame::data(s.id, false, true, Bytes::from_static(b"x")),
+        );
+        hub.kill_link(&alive, 1011, "agent stopped responding");
+        assert!(!s.is_pending());
+        assert!(matches!(*lock(&s.state), SessionState::Bound(_)));
+    }
+
+    #[test]
+    fn session_caps_per_client_per_backend_and_in_all() {
+        let hub = hub();
+        let _a = hub.register("a", "x", AGENT.parse().unwrap(), None);
+        let _b = hub.register("b", "x", AGENT.parse().unwrap(), None);
+        let s1 = hub.open_session("a", &open(), ip(1), None).unwrap().0;
+        let _s2 = hub.open_session("a", &open(), ip(1), None).unwrap();
+        assert!(matches!(
+            hub.open_session("a", &open(), ip(1), None),
+            Err(HubError::ClientFull(2))
+        ));
+        let _s3 = hub.open_session("a", &open(), ip(2), None).unwrap();
+        assert!(matches!(
+            hub.open_session("a", &open(), ip(3), None),
+            Err(HubError::BackendFull(_, 3))
+        ));
+        // A credentials file's own cap for the backend wins over the flag.
+        assert!(hub.open_session("a", &open(), ip(3), Some(4)).is_ok());
+        assert!(matches!(
+            hub.open_session("b", &open(), ip(4), None),
+            Err(HubError::TooManySessions(4))
+        ));
+        hub.close_session(&s1);
+        hub.close_session(&s1); // a second close changes nothing
+        assert_eq!(hub.session_counts("a", ip(1)), (3, 3, 1));
+        assert!(hub.open_session("b", &open(), ip(4), None).is_ok());
+    }
+
+    #[test]
+    fn session_ids_skip_live_ones_when_the_counter_wraps() {
+        let hub = hub();
+        let _l = hub.register("a", "x", AGENT.parse().unwrap(), None);
+        hub.next_session.store(u32::MAX, Ordering::Relaxed);
+        let s1 = hub.open_session("a", &open(), ip(1), None).unwrap().0;
+        assert_eq!(s1.id, u32::MAX);
+        // Wrapped: 0 is never used, and 1 is still alive.
+        let s2 = hub.open_session("a", &open(), ip(2), None).unwrap().0;
+        assert_eq!(s2.id, 1);
+        hub.next_session.store(u32::MAX, Ordering::Relaxed);
+        let s3 = hub.open_session("a", &open(), ip(3), None).unwrap().0;
+        assert_eq!(s3.id, 2, "skips MAX, 0 and 1, all alive or reserved");
+    }
+
+    #[test]
+    fn a_link_answers_only_to_its_credential() {
+        let hub = hub();
+        let cred = SecretHash::of(b"alpha");
+        let link = hub.register("a", "x", AGENT.parse().unwrap(), Some(cred));
+        assert!(hub.enter(&link.id, Some("alpha")).is_ok());
+        assert!(matches!(
+            hub.enter(&link.id, Some("beta")),
+            Err(HubError::WrongCredential(_))
+        ));
+        assert!(matches!(
+            hub.enter(&link.id, None),
+            Err(HubError::WrongCredential(_))
+        ));
+        assert!(matches!(
+            hub.enter("nope", Some("alpha")),
+            Err(HubError::UnknownLink(_))
+        ));
+        let closed = hub.revoke(|_, c| c != Some(cred));
+        assert_eq!(closed, 1);
+        assert!(matches!(
+            hub.enter(&link.id, Some("alpha")),
+            Err(HubError::UnknownLink(_))
+        ));
     }
 }
