@@ -42,7 +42,24 @@ impl std::fmt::Display for ConnRefusal {
     }
 }
 
-/// Counts open connections, in all and per client address.
+/// The address a client's connections and sessions are counted under: its IPv4 address, or its
+/// IPv6 /64 (one subscriber usually holds a whole /64, so per-address caps on single IPv6
+/// addresses would cap nothing).
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut seg = v6.segments();
+                seg[4..].fill(0);
+                IpAddr::V6(seg.into())
+            }
+        },
+    }
+}
+
+/// Counts open connections, in all and per client address ([`client_key`]).
 pub struct ConnLimits {
     cfg: ConnConfig,
     state: Mutex<(usize, HashMap<IpAddr, usize>)>,
@@ -68,6 +85,7 @@ impl ConnLimits {
 
     /// Takes a slot for a connection from `ip`, or says which limit is full.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, ConnRefusal> {
+        let ip = client_key(ip);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (total, per_ip) = &mut *st;
         if *total >= self.cfg.max_connections {
@@ -209,6 +227,15 @@ mod tests {
         drop(a1);
         assert_eq!(l.open(), 2);
         let _a3 = l.admit(a).unwrap();
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64() {
+        let key = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:a:b:c:d"), key("2001:db8:1:2::1"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:10.0.0.1"), key("10.0.0.1"));
+        assert_ne!(key("10.0.0.1"), key("10.0.0.2"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -607,7 +607,10 @@ async fn frontend_session(
     let offered = open.protocols.clone();
     let cap = ctx.auth.policy().max_sessions(&backend);
     let (session, session_peer, accepted) =
-        match ctx.hub.open_session(&backend, &open, peer.ip(), cap) {
+        match ctx
+            .hub
+            .open_session(&backend, &open, crate::conn::client_key(peer.ip()), cap)
+        {
             Ok(s) => s,
             Err(e) => {
                 match e {
