@@ -5,9 +5,11 @@
 //!
 //! - [`transport`]: the transports and the order `--transport auto` tries them in;
 //! - [`link`]: one registration with the relay, the transport loops that carry its frames, and
-//!   its sessions (each session dials the backend's WebSocket with `common::dial`).
+//!   its sessions (each session dials the backend's WebSocket with `common::dial`);
+//! - [`body`]: the relay's answers, read up to a stated limit and no further.
 #![forbid(unsafe_code)]
 
+pub mod body;
 pub mod link;
 pub mod transport;
 
@@ -177,16 +179,10 @@ async fn register(
         .await
         .map_err(|e| anyhow::anyhow!("{}", link::describe(&e)))?;
     let status = resp.status();
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", link::describe(&e)))?;
     if !status.is_success() {
-        anyhow::bail!(
-            "relay answered {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        );
+        anyhow::bail!("relay answered {status}: {}", body::error_text(resp).await);
     }
+    let body = body::read_limited(resp, body::MAX_JSON_BODY, "registration").await?;
     let info: LinkInfo = serde_json::from_slice(&body).with_context(|| {
         format!("relay's answer to registration is not what a backhaul relay sends (is {url} really a backhaul relay?)")
     })?;

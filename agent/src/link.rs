@@ -5,6 +5,7 @@
 //! link survives broken connections and changes of transport without loss or duplication (see
 //! `common::reliable`).
 
+use crate::body;
 use crate::transport::{Transport, QUICK_BREAKS_BEFORE_FALLBACK, RETRY_FASTER_AFTER, STABLE_AFTER};
 use crate::{Clients, Config};
 use backhaul_common::api::{LinkInfo, OpenRequest, Opened};
@@ -41,8 +42,6 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 const MIN_PUSH_BATCH: usize = 16 * 1024;
 /// Longest the relay may take to accept a stream.
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
-/// Largest poll response body accepted, as a multiple of the relay's batch size.
-const MAX_POLL_BODY_FACTOR: usize = 2;
 /// Shortest limit [`within_relay_patience`] sets.
 const MIN_LIMIT: Duration = Duration::from_millis(500);
 /// The close reason (code 1014) a client gets when the agent could not reach the backend,
@@ -388,11 +387,8 @@ impl Link {
         }
         if !resp.status().is_success() {
             let status = resp.status();
-            let body = resp.text().await.unwrap_or_default();
-            return Err(Spell::Refused(format!(
-                "relay answered {status}: {}",
-                body.trim()
-            )));
+            let body = body::error_text(resp).await;
+            return Err(Spell::Refused(format!("relay answered {status}: {body}")));
         }
         let max_batch = self.info.max_batch_bytes as usize;
         Ok((tx, ChunkRx::new(ResponseChunks(resp), max_batch)))
@@ -548,7 +544,8 @@ impl Link {
     async fn poll_loop(self: &Arc<Self>, recv: &mut RecvState, tracker: &TaskTracker) -> Spell {
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let hold = Duration::from_millis(self.info.poll_hold_ms);
-        let limit = self.info.max_batch_bytes as usize * MAX_POLL_BODY_FACTOR + 64 * 1024;
+        // One batch, which may exceed the batch size by a frame.
+        let limit = backhaul_common::transport::max_message(self.info.max_batch_bytes as usize);
         loop {
             let url = format!("{}/poll?ack={}", self.url, recv.ack());
             let req = self.request(self.client.get(url).timeout(hold + self.grace()));
@@ -585,8 +582,8 @@ impl Link {
         }
         if !resp.status().is_success() {
             let status = resp.status();
-            let body = resp.text().await.unwrap_or_default();
-            return PollOutcome::Failed(format!("relay answered {status}: {}", body.trim()));
+            let body = body::error_text(resp).await;
+            return PollOutcome::Failed(format!("relay answered {status}: {body}"));
         }
         let mut reader = BatchReader::new();
         let mut received = 0usize;
@@ -719,16 +716,16 @@ impl Link {
             return gone;
         }
         let status = resp.status();
-        let body = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => return PollOutcome::Failed(format!("push response cut: {}", describe(&e))),
-        };
         if !status.is_success() {
-            return PollOutcome::Failed(format!(
-                "relay answered {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            ));
+            let body = body::error_text(resp).await;
+            return PollOutcome::Failed(format!("relay answered {status}: {body}"));
         }
+        // The answer is a batch header (the relay's ack); allow what a batch may be.
+        let limit = backhaul_common::transport::max_message(self.info.max_batch_bytes as usize);
+        let body = match body::read_limited(resp, limit, "a push").await {
+            Ok(b) => b,
+            Err(e) => return PollOutcome::Failed(e.to_string()),
+        };
         match decode_batch(&body) {
             Ok((h, _)) => match lock(&self.out).ack(h.ack) {
                 Ok(()) => PollOutcome::Progress,
