@@ -5,15 +5,18 @@
 //!
 //! - [`transport`]: the transports and the order `--transport auto` tries them in;
 //! - [`link`]: one registration with the relay, the transport loops that carry its frames, and
-//!   its sessions (each session dials the backend's WebSocket with `common::dial`).
+//!   its sessions (each session dials the backend's WebSocket with `common::dial`);
+//! - [`body`]: the relay's answers, read up to a stated limit and no further.
 #![forbid(unsafe_code)]
 
+pub mod body;
 pub mod link;
 pub mod transport;
 
 use anyhow::Context;
 use backhaul_common::api::{Hello, LinkInfo, LINKS_PATH, PROTOCOL_VERSION};
 use backhaul_common::backoff::Backoff;
+use backhaul_common::secret::{self, Secret};
 use backhaul_common::transport::{H2_CONNECTION_WINDOW, H2_MAX_FRAME, H2_STREAM_WINDOW};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +39,14 @@ pub struct Config {
     pub backend: url::Url,
     /// Largest WebSocket message the backend may send; a larger one is refused with 1009.
     pub max_message: u64,
-    pub agent_token: Option<String>,
+    /// The relay's `--agent-token`.
+    pub agent_token: Option<Secret>,
+    /// The backend's `--backend-secret`, presented in
+    /// [`backhaul_common::api::BACKEND_SECRET_HEADER`] when dialing it.
+    pub backend_secret: Option<Secret>,
+    /// Whether a session's close reason may say why the backend could not be reached (its
+    /// address and the error); otherwise it says only [`link::BACKEND_UNAVAILABLE`].
+    pub report_backend_errors: bool,
     /// TLS settings for an https:// relay and a wss:// backend.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub max_sessions: usize,
@@ -162,23 +172,17 @@ async fn register(
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(serde_json::to_vec(hello)?);
     if let Some(t) = &cfg.agent_token {
-        req = req.bearer_auth(t);
+        req = req.header(reqwest::header::AUTHORIZATION, secret::bearer(t));
     }
     let resp = req
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("{}", link::describe(&e)))?;
     let status = resp.status();
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", link::describe(&e)))?;
     if !status.is_success() {
-        anyhow::bail!(
-            "relay answered {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        );
+        anyhow::bail!("relay answered {status}: {}", body::error_text(resp).await);
     }
+    let body = body::read_limited(resp, body::MAX_JSON_BODY, "registration").await?;
     let info: LinkInfo = serde_json::from_slice(&body).with_context(|| {
         format!("relay's answer to registration is not what a backhaul relay sends (is {url} really a backhaul relay?)")
     })?;
@@ -199,6 +203,8 @@ mod tests {
             backend: url::Url::parse(backend).unwrap(),
             max_message: 1 << 20,
             agent_token: None,
+            backend_secret: None,
+            report_backend_errors: false,
             tls: None,
             max_sessions: 1,
             connect_timeout: Duration::from_secs(1),

@@ -5,13 +5,15 @@
 //! link survives broken connections and changes of transport without loss or duplication (see
 //! `common::reliable`).
 
+use crate::body;
 use crate::transport::{Transport, QUICK_BREAKS_BEFORE_FALLBACK, RETRY_FASTER_AFTER, STABLE_AFTER};
 use crate::{Clients, Config};
-use backhaul_common::api::FORWARDED_HEADERS;
 use backhaul_common::api::{LinkInfo, OpenRequest, Opened};
+use backhaul_common::api::{BACKEND_SECRET_HEADER, FORWARDED_HEADERS};
 use backhaul_common::backoff::Backoff;
 use backhaul_common::dial::{bearer_headers, dial, DialOptions, Dialed};
 use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor};
+use backhaul_common::secret;
 use backhaul_common::session::{new_session, pump, FrameSink, SessionHandle, WsSide};
 use backhaul_common::transport::{
     recv_within, write_batches, BatchRx, BatchTx, ChannelTx, ChunkRx, ChunkSource,
@@ -38,12 +40,24 @@ const RETRY_INITIAL: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Smallest push batch the agent shrinks to after failed pushes.
 const MIN_PUSH_BATCH: usize = 16 * 1024;
-/// Largest poll response body accepted, as a multiple of the relay's batch size.
-const MAX_POLL_BODY_FACTOR: usize = 2;
 /// Longest the relay may take to accept a stream.
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Shortest limit [`within_relay_patience`] sets.
 const MIN_LIMIT: Duration = Duration::from_millis(500);
+/// The close reason (code 1014) a client gets when the agent could not reach the backend,
+/// unless `--report-backend-errors` lets it say why.
+pub const BACKEND_UNAVAILABLE: &str = "backend unavailable";
+
+/// The close reason for a session whose backend could not be reached: the error itself only
+/// when the operator allows it (`--report-backend-errors`), since it names hosts and ports of
+/// the private network and tells open ports from closed ones.
+pub fn backend_failure_reason(report: bool, error: &dyn std::fmt::Display) -> String {
+    if report {
+        format!("agent could not reach backend: {error:#}")
+    } else {
+        BACKEND_UNAVAILABLE.to_string()
+    }
+}
 
 /// `limit`, cut to half the time the relay keeps a link without hearing from its agent
 /// (`agent_timeout_ms`, 0 if the relay did not say), so that a request hanging on a dead
@@ -131,7 +145,7 @@ impl Link {
 
     fn request(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.cfg.agent_token {
-            Some(t) => req.bearer_auth(t),
+            Some(t) => req.header(reqwest::header::AUTHORIZATION, secret::bearer(t)),
             None => req,
         }
     }
@@ -328,7 +342,7 @@ impl Link {
             timeout: self.setup_limit(),
             tls: self.cfg.tls.clone(),
             use_env_proxy: true,
-            headers: bearer_headers(self.cfg.agent_token.as_deref()),
+            headers: bearer_headers(self.cfg.agent_token.as_ref()),
             ..DialOptions::default()
         };
         match dial(&url, &opts).await {
@@ -373,11 +387,8 @@ impl Link {
         }
         if !resp.status().is_success() {
             let status = resp.status();
-            let body = resp.text().await.unwrap_or_default();
-            return Err(Spell::Refused(format!(
-                "relay answered {status}: {}",
-                body.trim()
-            )));
+            let body = body::error_text(resp).await;
+            return Err(Spell::Refused(format!("relay answered {status}: {body}")));
         }
         let max_batch = self.info.max_batch_bytes as usize;
         Ok((tx, ChunkRx::new(ResponseChunks(resp), max_batch)))
@@ -533,7 +544,8 @@ impl Link {
     async fn poll_loop(self: &Arc<Self>, recv: &mut RecvState, tracker: &TaskTracker) -> Spell {
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let hold = Duration::from_millis(self.info.poll_hold_ms);
-        let limit = self.info.max_batch_bytes as usize * MAX_POLL_BODY_FACTOR + 64 * 1024;
+        // One batch, which may exceed the batch size by a frame.
+        let limit = backhaul_common::transport::max_message(self.info.max_batch_bytes as usize);
         loop {
             let url = format!("{}/poll?ack={}", self.url, recv.ack());
             let req = self.request(self.client.get(url).timeout(hold + self.grace()));
@@ -570,8 +582,8 @@ impl Link {
         }
         if !resp.status().is_success() {
             let status = resp.status();
-            let body = resp.text().await.unwrap_or_default();
-            return PollOutcome::Failed(format!("relay answered {status}: {}", body.trim()));
+            let body = body::error_text(resp).await;
+            return PollOutcome::Failed(format!("relay answered {status}: {body}"));
         }
         let mut reader = BatchReader::new();
         let mut received = 0usize;
@@ -704,16 +716,16 @@ impl Link {
             return gone;
         }
         let status = resp.status();
-        let body = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => return PollOutcome::Failed(format!("push response cut: {}", describe(&e))),
-        };
         if !status.is_success() {
-            return PollOutcome::Failed(format!(
-                "relay answered {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            ));
+            let body = body::error_text(resp).await;
+            return PollOutcome::Failed(format!("relay answered {status}: {body}"));
         }
+        // The answer is a batch header (the relay's ack); allow what a batch may be.
+        let limit = backhaul_common::transport::max_message(self.info.max_batch_bytes as usize);
+        let body = match body::read_limited(resp, limit, "a push").await {
+            Ok(b) => b,
+            Err(e) => return PollOutcome::Failed(e.to_string()),
+        };
         match decode_batch(&body) {
             Ok((h, _)) => match lock(&self.out).ack(h.ack) {
                 Ok(()) => PollOutcome::Progress,
@@ -800,13 +812,17 @@ impl Link {
                         return;
                     }
                 };
+                let mut headers = forwardable(open.headers);
+                if let Some(s) = &link.cfg.backend_secret {
+                    headers.push((BACKEND_SECRET_HEADER.to_string(), s.expose().to_string()));
+                }
                 let dial_opts = DialOptions {
                     timeout: link.cfg.connect_timeout,
                     tls: link.cfg.tls.clone(),
                     protocols: open.protocols.clone(),
                     // HTTP(S)_PROXY is for reaching the relay; the backend is local.
                     use_env_proxy: false,
-                    headers: forwardable(open.headers),
+                    headers,
                 };
                 match dial(&url, &dial_opts).await {
                     Ok(Dialed { io, protocol }) => {
@@ -826,8 +842,9 @@ impl Link {
                         );
                     }
                     Err(e) => {
+                        // The span names the session; the client's close reason may not.
                         warn!("agent could not reach backend {url}: {e:#}");
-                        let reason = format!("agent could not reach backend: {e:#}");
+                        let reason = backend_failure_reason(link.cfg.report_backend_errors, &e);
                         link.send(Frame::close(id, 1014, &reason));
                     }
                 }
@@ -841,7 +858,7 @@ impl Link {
 type RelayStream = backhaul_common::dial::WsIo;
 
 /// The relay's OPEN headers that the agent passes on: only [`FORWARDED_HEADERS`], whatever the
-/// relay sent.
+/// relay sent. So a client can never supply [`BACKEND_SECRET_HEADER`], which is not among them.
 fn forwardable(headers: Vec<(String, String)>) -> Vec<(String, String)> {
     headers
         .into_iter()
@@ -911,6 +928,30 @@ pub fn describe(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_errors_reach_clients_only_when_allowed() {
+        let e = "could not connect to 10.1.2.3:5432: Connection refused (os error 111)";
+        assert_eq!(backend_failure_reason(false, &e), "backend unavailable");
+        assert_eq!(
+            backend_failure_reason(true, &e),
+            format!("agent could not reach backend: {e}")
+        );
+    }
+
+    #[test]
+    fn only_forwarded_headers_pass_never_the_backend_secret() {
+        let from_relay = vec![
+            ("origin".to_string(), "https://app.example".to_string()),
+            ("X-Backhaul-Secret".to_string(), "forged".to_string()),
+            ("x-backhaul-secret".to_string(), "forged".to_string()),
+            ("x-private".to_string(), "no".to_string()),
+        ];
+        assert_eq!(
+            forwardable(from_relay),
+            vec![("origin".to_string(), "https://app.example".to_string())]
+        );
+    }
 
     #[test]
     fn limits_stay_within_the_relays_patience() {

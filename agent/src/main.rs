@@ -1,7 +1,8 @@
 use backhaul_agent::Config;
+use backhaul_common::secret::{self, Secret};
 use backhaul_common::telemetry;
 use clap::Parser;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// backhaul-agent: runs inside the private network and serves one backend. It only connects out
@@ -20,9 +21,26 @@ struct Args {
     /// The backend's WebSocket URL, e.g. ws://127.0.0.1:9000.
     #[arg(long, env = "BACKHAUL_BACKEND")]
     backend: String,
-    /// Token the relay requires from agents (its --agent-token).
+    /// Token the relay requires from agents (its --agent-token). A flag shows in `ps`: prefer
+    /// the environment or --agent-token-file. Refused when empty.
     #[arg(long, env = "BACKHAUL_AGENT_TOKEN", hide_env_values = true)]
     agent_token: Option<String>,
+    /// File holding the agent token on one line, instead of --agent-token.
+    #[arg(long, env = "BACKHAUL_AGENT_TOKEN_FILE")]
+    agent_token_file: Option<PathBuf>,
+    /// Secret the backend requires (the backend's --backend-secret), sent to it in the
+    /// X-Backhaul-Secret handshake header. Refused when empty.
+    #[arg(long, env = "BACKHAUL_BACKEND_SECRET", hide_env_values = true)]
+    backend_secret: Option<String>,
+    /// File holding the backend secret on one line, instead of --backend-secret.
+    #[arg(long, env = "BACKHAUL_BACKEND_SECRET_FILE")]
+    backend_secret_file: Option<PathBuf>,
+    /// Tell clients why the backend could not be reached: its address and the error, in the
+    /// session's close reason (code 1014). Without it they get "backend unavailable" and only
+    /// this agent's log has the details, so that whoever may open sessions cannot use the
+    /// agent to probe the private network.
+    #[arg(long, env = "BACKHAUL_REPORT_BACKEND_ERRORS")]
+    report_backend_errors: bool,
     /// Extra CA certificate (PEM) to trust for an https:// relay or a wss:// backend.
     #[arg(long, env = "BACKHAUL_CA_CERT")]
     ca_cert: Option<PathBuf>,
@@ -47,6 +65,12 @@ struct Args {
 fn fail(msg: impl std::fmt::Display) -> ! {
     eprintln!("backhaul-agent: {msg}");
     std::process::exit(backhaul_common::EXIT_CONFIG);
+}
+
+/// The secret of `--<flag>` or `--<flag>-file`, if given; exits when it is empty, given twice,
+/// unreadable, or not header text.
+fn load_secret(flag: &str, value: Option<String>, file: Option<&Path>) -> Option<Secret> {
+    secret::load(flag, value, file).unwrap_or_else(|e| fail(e))
 }
 
 fn parse_url(what: &str, s: &str, schemes: &[&str]) -> url::Url {
@@ -75,6 +99,16 @@ fn main() {
 
 async fn serve(args: Args) {
     telemetry::init("info");
+    let agent_token = load_secret(
+        "agent-token",
+        args.agent_token,
+        args.agent_token_file.as_deref(),
+    );
+    let backend_secret = load_secret(
+        "backend-secret",
+        args.backend_secret,
+        args.backend_secret_file.as_deref(),
+    );
     let relay = parse_url("relay", &args.relay, &["http", "https"]);
     let backend = parse_url("backend", &args.backend, &["ws", "wss"]);
     if let Err(e) = backhaul_common::api::validate_backend_id(&args.backend_id) {
@@ -89,7 +123,9 @@ async fn serve(args: Args) {
         backend_id: args.backend_id,
         backend,
         max_message: args.max_message_kib * 1024,
-        agent_token: args.agent_token.filter(|t| !t.is_empty()),
+        agent_token,
+        backend_secret,
+        report_backend_errors: args.report_backend_errors,
         tls,
         max_sessions: args.max_sessions,
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),

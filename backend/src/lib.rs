@@ -1,13 +1,20 @@
 //! backhaul-backend: a WebSocket server at the private end of the stack. Each WebSocket session
 //! becomes one TCP connection to the target service (see `common::bridge` for the convention).
+//! Handshakes are admitted by [`admission`]: the agent's secret, and the client's `Origin`.
 #![forbid(unsafe_code)]
 
+pub mod admission;
+
+use admission::{LogLimit, LogVerdict, OriginPolicy, Refusal};
 use backhaul_common::bridge::{self, BridgeEnd, Wire};
+use backhaul_common::secret::SecretHash;
 use backhaul_common::ws::{switching_protocols, websocket_key, Role, WsReader, WsWriter};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -27,6 +34,17 @@ pub struct Config {
     pub target: String,
     pub connect_timeout: Duration,
     pub max_sessions: usize,
+    /// The hash of `--backend-secret`: handshakes must present the secret in
+    /// `X-Backhaul-Secret`. `None`: any handshake is served.
+    pub secret: Option<SecretHash>,
+    /// The `Origin`s a handshake may carry (`--allow-origin`); one without `Origin` is served.
+    pub origins: OriginPolicy,
+}
+
+/// What the connections of one backend share.
+struct Shared {
+    config: Config,
+    refusals: Mutex<LogLimit>,
 }
 
 /// Serves WebSocket sessions on `listener` until `shutdown`.
@@ -35,8 +53,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let config = Arc::new(config);
     let limit = Arc::new(Semaphore::new(config.max_sessions));
+    let shared = Arc::new(Shared {
+        config,
+        refusals: Mutex::new(LogLimit::new(
+            admission::REFUSAL_LOG_MAX,
+            admission::REFUSAL_LOG_WINDOW,
+        )),
+    });
     let tracker = TaskTracker::new();
     loop {
         let permit = tokio::select! {
@@ -47,11 +71,11 @@ pub async fn run(
         else {
             break;
         };
-        let config = config.clone();
+        let shared = shared.clone();
         let span = tracing::info_span!("session", client.addr = %peer);
         tracker.spawn(
             async move {
-                session(stream, &config).await;
+                session(stream, peer, &shared).await;
                 drop(permit);
             }
             .instrument(span),
@@ -72,20 +96,77 @@ type Body = http_body_util::Full<bytes::Bytes>;
 fn refusal(status: StatusCode, msg: &str) -> Response<Body> {
     let mut resp = Response::new(Body::from(format!("{msg}\n")));
     *resp.status_mut() = status;
+    // One refused request per connection: a peer that tries again connects again.
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
     resp
 }
 
+/// Logs a refused handshake, at most [`admission::REFUSAL_LOG_MAX`] a window; the rest are
+/// counted, and the count is logged when the window ends.
+fn log_refusal(shared: &Arc<Shared>, peer: SocketAddr, req: &Request<Incoming>, why: &Refusal) {
+    let verdict = lock(&shared.refusals).check(std::time::Instant::now());
+    match verdict {
+        LogVerdict::Log => {
+            let forwarded = req
+                .headers()
+                .get("x-forwarded-for")
+                .map(|v| format!(" (for client {})", admission::loggable(v.as_bytes())))
+                .unwrap_or_default();
+            warn!(
+                "refused a WebSocket handshake from {peer}{forwarded} with {}: {}",
+                why.status(),
+                why.explain()
+            );
+        }
+        LogVerdict::Suppress { first: false, .. } => {}
+        LogVerdict::Suppress {
+            first: true,
+            report_at,
+        } => {
+            let shared = shared.clone();
+            // Not in the session's span: the count covers many connections.
+            tokio::spawn(
+                async move {
+                    tokio::time::sleep_until(report_at.into()).await;
+                    let n = lock(&shared.refusals).take_suppressed();
+                    if n > 0 {
+                        warn!(
+                            "{n} more refused WebSocket handshakes were not logged (at most {} are logged per {:?})",
+                            admission::REFUSAL_LOG_MAX,
+                            admission::REFUSAL_LOG_WINDOW
+                        );
+                    }
+                }
+                .instrument(tracing::Span::none()),
+            );
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Serves one connection: a WebSocket handshake (refusing anything else), then the session.
-async fn session(stream: TcpStream, config: &Config) {
+async fn session(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
+    let config = &shared.config;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let tx = std::sync::Mutex::new(Some(tx));
     let service = hyper::service::service_fn(|mut req: Request<Incoming>| {
-        let resp = match websocket_key(&req) {
-            None => refusal(
+        let admitted = admission::admit(req.headers(), config.secret.as_ref(), &config.origins);
+        let resp = match (websocket_key(&req), admitted) {
+            (None, _) => refusal(
                 StatusCode::UPGRADE_REQUIRED,
                 "backhaul-backend carries WebSocket sessions; it is dialed by backhaul-agent",
             ),
-            Some(key) => {
+            (Some(_), Err(why)) => {
+                log_refusal(shared, peer, &req, &why);
+                refusal(why.status(), why.body())
+            }
+            (Some(key), Ok(())) => {
                 let upgrade = hyper::upgrade::on(&mut req);
                 let path = req.uri().to_string();
                 if let Some(tx) = tx.lock().unwrap_or_else(|e| e.into_inner()).take() {

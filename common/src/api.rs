@@ -45,6 +45,10 @@ pub const FORWARDED_HEADERS: &[&str] = &[
     "x-forwarded-host",
 ];
 
+/// The handshake header in which the agent presents `--backend-secret` to the backend. It is
+/// the agent's own: never one of [`FORWARDED_HEADERS`], so a client cannot supply it.
+pub const BACKEND_SECRET_HEADER: &str = "x-backhaul-secret";
+
 /// Longest backend ID accepted.
 pub const MAX_BACKEND_ID_LEN: usize = 64;
 
@@ -253,6 +257,13 @@ mod tests {
         assert!(validate_backend_id("a/b").is_err());
         assert!(validate_backend_id("a b").is_err());
         assert!(validate_backend_id("caf\u{e9}").is_err());
+    }
+
+    #[test]
+    fn clients_cannot_forward_the_backend_secret() {
+        assert!(!FORWARDED_HEADERS
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(BACKEND_SECRET_HEADER)));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! same), directly or through an HTTP forward proxy with `CONNECT`, as the environment's
 //! `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` say.
 
+use crate::secret::Secret;
 use crate::tls;
 use base64::Engine;
 use bytes::Bytes;
@@ -71,7 +72,7 @@ impl AsyncWrite for MaybeTlsStream {
 }
 
 /// How to dial.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DialOptions {
     /// Limit for the whole dial: TCP, proxy, TLS and WebSocket handshakes.
     pub timeout: Duration,
@@ -81,15 +82,57 @@ pub struct DialOptions {
     pub protocols: Vec<String>,
     /// Whether to use the proxy the environment names.
     pub use_env_proxy: bool,
-    /// Extra request headers for the handshake (e.g. `Authorization`).
+    /// Extra request headers for the handshake (e.g. `Authorization`). The values of
+    /// [`SENSITIVE_HEADERS`] are marked sensitive on the wire and never shown by `Debug`.
     pub headers: Vec<(String, String)>,
+}
+
+/// Handshake headers whose values are credentials: marked sensitive (so no `Debug` print, ours
+/// or a library's trace log, shows them, and HTTP/2 never indexes them) and redacted in
+/// [`DialOptions`]' `Debug`.
+pub const SENSITIVE_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    crate::api::BACKEND_SECRET_HEADER,
+];
+
+fn is_sensitive(name: &str) -> bool {
+    SENSITIVE_HEADERS
+        .iter()
+        .any(|s| s.eq_ignore_ascii_case(name))
+}
+
+impl std::fmt::Debug for DialOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                let shown = if is_sensitive(n) { "<redacted>" } else { v };
+                (n.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("DialOptions")
+            .field("timeout", &self.timeout)
+            .field("tls", &self.tls.is_some())
+            .field("protocols", &self.protocols)
+            .field("use_env_proxy", &self.use_env_proxy)
+            .field("headers", &headers)
+            .finish()
+    }
 }
 
 /// Handshake headers (for [`DialOptions::headers`]) presenting `token` as a bearer token; none
 /// without a token.
-pub fn bearer_headers(token: Option<&str>) -> Vec<(String, String)> {
+pub fn bearer_headers(token: Option<&Secret>) -> Vec<(String, String)> {
     token
-        .map(|t| vec![("Authorization".to_string(), format!("Bearer {t}"))])
+        .map(|t| {
+            vec![(
+                "Authorization".to_string(),
+                format!("Bearer {}", t.expose()),
+            )]
+        })
         .unwrap_or_default()
 }
 
@@ -208,27 +251,7 @@ async fn dial_inner(url: &Url, opts: &DialOptions) -> Result<Dialed, DialError> 
         None => url.path().to_string(),
     };
     let key = generate_key();
-    let mut request = Request::get(target)
-        .header(header::HOST, authority)
-        .header(header::UPGRADE, "websocket")
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::SEC_WEBSOCKET_KEY, &key)
-        .header(header::SEC_WEBSOCKET_VERSION, "13");
-    if !opts.protocols.is_empty() {
-        let v = HeaderValue::from_str(&opts.protocols.join(", "))
-            .map_err(|_| bad("subprotocol names are not valid header text"))?;
-        request = request.header(header::SEC_WEBSOCKET_PROTOCOL, v);
-    }
-    for (name, value) in &opts.headers {
-        let v = HeaderValue::from_str(value)
-            .map_err(|_| bad(&format!("header {name} is not valid header text")))?;
-        let n = http::HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| bad(&format!("{name:?} is not a header name")))?;
-        request = request.header(n, v);
-    }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| bad(&e.to_string()))?;
+    let request = handshake_request(&target, &authority, &key, opts).map_err(|m| bad(&m))?;
 
     let handshake_failed =
         |e: &dyn std::fmt::Display| DialError::Handshake(ws_url.to_string(), e.to_string());
@@ -283,6 +306,41 @@ async fn dial_inner(url: &Url, opts: &DialOptions) -> Result<Dialed, DialError> 
         io: TokioIo::new(upgraded),
         protocol,
     })
+}
+
+/// The WebSocket handshake request: `GET target` with our key, the subprotocols and the extra
+/// headers of `opts`, credentials among them marked sensitive. `Err` names what is not valid
+/// header text (never a header's value).
+fn handshake_request(
+    target: &str,
+    authority: &str,
+    key: &str,
+    opts: &DialOptions,
+) -> Result<Request<Empty<Bytes>>, String> {
+    let mut request = Request::get(target)
+        .header(header::HOST, authority)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_KEY, key)
+        .header(header::SEC_WEBSOCKET_VERSION, "13");
+    if !opts.protocols.is_empty() {
+        let v = HeaderValue::from_str(&opts.protocols.join(", "))
+            .map_err(|_| "subprotocol names are not valid header text".to_string())?;
+        request = request.header(header::SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    for (name, value) in &opts.headers {
+        let mut v = HeaderValue::from_str(value)
+            .map_err(|_| format!("header {name} is not valid header text"))?;
+        if is_sensitive(name) {
+            v.set_sensitive(true);
+        }
+        let n = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{name:?} is not a header name"))?;
+        request = request.header(n, v);
+    }
+    request
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, DialError> {
@@ -427,6 +485,44 @@ mod tests {
         assert!(!no_proxy_matches("example.com", "badexample.com"));
         assert!(!no_proxy_matches("", "example.com"));
         assert!(no_proxy_matches("::1", "[::1]"));
+    }
+
+    #[test]
+    fn credentials_in_handshakes_are_sensitive_and_never_printed() {
+        let token = Secret::generate();
+        let mut opts = DialOptions {
+            headers: bearer_headers(Some(&token)),
+            ..DialOptions::default()
+        };
+        opts.headers
+            .push(("X-Backhaul-Secret".into(), "backend-s3cret".into()));
+        opts.headers.push(("User-Agent".into(), "test/1".into()));
+        let req = handshake_request("/p", "h:1", "k", &opts).unwrap();
+        let auth = req.headers().get(header::AUTHORIZATION).unwrap();
+        assert!(auth.is_sensitive());
+        assert_eq!(auth.to_str().unwrap(), format!("Bearer {}", token.expose()));
+        assert!(req
+            .headers()
+            .get("x-backhaul-secret")
+            .unwrap()
+            .is_sensitive());
+        assert!(!req
+            .headers()
+            .get(header::USER_AGENT)
+            .unwrap()
+            .is_sensitive());
+        for printed in [format!("{req:?}"), format!("{opts:?}")] {
+            assert!(!printed.contains(token.expose()), "{printed}");
+            assert!(!printed.contains("backend-s3cret"), "{printed}");
+        }
+        assert!(format!("{opts:?}").contains("test/1"));
+        // A value that is not header text is refused without being repeated.
+        opts.headers = vec![("Authorization".into(), "Bearer tok\nen".into())];
+        let err = handshake_request("/p", "h:1", "k", &opts).unwrap_err();
+        assert!(
+            err.contains("Authorization") && !err.contains("tok"),
+            "{err}"
+        );
     }
 
     #[test]

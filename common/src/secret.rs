@@ -92,8 +92,10 @@ impl fmt::Debug for SecretHash {
 /// Why a secret could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("{flag} is empty; an empty token would turn authentication off. Give a real token (backhaul-relay new-secret makes one) or leave the option out")]
+    #[error("{flag} (or {}) is empty; an empty token would turn authentication off. Give a real token (backhaul-relay new-secret makes one) or leave the option out", env_var(flag))]
     Empty { flag: String },
+    #[error("{flag}-file {path} is empty; an empty token would turn authentication off. Put a real token in it (backhaul-relay new-secret makes one) or leave the option out")]
+    EmptyFile { flag: String, path: PathBuf },
     #[error("{flag} and {flag}-file both given; use one")]
     Both { flag: String },
     #[error("could not read {flag}-file {path}: {error}")]
@@ -104,11 +106,25 @@ pub enum SecretError {
     },
     #[error("{flag}-file {path} holds more than one line; put only the token in it")]
     MultiLine { flag: String, path: PathBuf },
+    #[error(
+        "{flag} holds a control character, which an HTTP header cannot carry; use printable text"
+    )]
+    ControlCharacter { flag: String },
+}
+
+/// The environment variable of `--<flag>`, as every program names it.
+fn env_var(flag: &str) -> String {
+    format!(
+        "BACKHAUL_{}",
+        flag.trim_start_matches('-')
+            .to_uppercase()
+            .replace('-', "_")
+    )
 }
 
 /// The secret given by `--<flag>` (or its environment variable) or `--<flag>-file`, if any.
-/// Refuses an empty one, both at once, and an unreadable file. A file's trailing newline is not
-/// part of the secret.
+/// Refuses an empty one, both at once, an unreadable file, and control characters (secrets
+/// travel in HTTP headers). A file's trailing newline is not part of the secret.
 pub fn load(
     flag: &str,
     value: Option<String>,
@@ -132,12 +148,21 @@ pub fn load(
                     path: path.to_path_buf(),
                 });
             }
+            if text.trim().is_empty() {
+                return Err(SecretError::EmptyFile {
+                    flag,
+                    path: path.to_path_buf(),
+                });
+            }
             warn_if_readable_by_others(&flag, path);
             text.to_string()
         }
     };
     if secret.trim().is_empty() {
         return Err(SecretError::Empty { flag });
+    }
+    if secret.chars().any(char::is_control) {
+        return Err(SecretError::ControlCharacter { flag });
     }
     Ok(Some(Secret(secret)))
 }
@@ -222,6 +247,19 @@ mod tests {
             load("agent-token", Some("  ".into()), None),
             Err(SecretError::Empty { .. })
         ));
+        let empty = load("agent-token", Some(String::new()), None).unwrap_err();
+        assert!(
+            empty
+                .to_string()
+                .starts_with("--agent-token (or BACKHAUL_AGENT_TOKEN) is empty"),
+            "{empty}"
+        );
+        for bad in ["a\tb", "a\rb", "tok\u{7f}"] {
+            assert!(matches!(
+                load("agent-token", Some(bad.into()), None),
+                Err(SecretError::ControlCharacter { .. })
+            ));
+        }
         let dir = std::env::temp_dir().join(format!("backhaul-secret-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("token");
@@ -241,10 +279,13 @@ mod tests {
             Err(SecretError::Both { .. })
         ));
         std::fs::write(&file, "\n").unwrap();
-        assert!(matches!(
-            load("agent-token", None, Some(&file)),
-            Err(SecretError::Empty { .. })
-        ));
+        let empty = load("agent-token", None, Some(&file)).unwrap_err();
+        assert!(matches!(empty, SecretError::EmptyFile { .. }));
+        assert!(
+            empty.to_string().starts_with("--agent-token-file ")
+                && empty.to_string().contains(" is empty"),
+            "{empty}"
+        );
         std::fs::write(&file, "a\nb\n").unwrap();
         assert!(matches!(
             load("agent-token", None, Some(&file)),

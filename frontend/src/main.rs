@@ -1,9 +1,10 @@
 use backhaul_common::bridge::Wire;
 use backhaul_common::dial::{bearer_headers, DialOptions};
+use backhaul_common::secret::{self, Secret};
 use backhaul_common::telemetry;
 use backhaul_frontend::Config;
 use clap::Parser;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// backhaul-frontend: accepts TCP connections (or uses stdin/stdout with --stdio) and carries each
@@ -31,9 +32,13 @@ struct Args {
     /// The backend to reach, as the agent names it with its --backend-id.
     #[arg(long, env = "BACKHAUL_BACKEND_ID")]
     backend_id: String,
-    /// Token the relay requires from frontends (its --client-token).
+    /// Token the relay requires from frontends (its --client-token). A flag shows in `ps`:
+    /// prefer the environment or --client-token-file. Refused when empty.
     #[arg(long, env = "BACKHAUL_CLIENT_TOKEN", hide_env_values = true)]
     client_token: Option<String>,
+    /// File holding the client token on one line, instead of --client-token.
+    #[arg(long, env = "BACKHAUL_CLIENT_TOKEN_FILE")]
+    client_token_file: Option<PathBuf>,
     /// Extra CA certificate (PEM) to trust for a wss:// relay.
     #[arg(long, env = "BACKHAUL_CA_CERT")]
     ca_cert: Option<PathBuf>,
@@ -63,6 +68,12 @@ fn fail(msg: impl std::fmt::Display) -> ! {
     std::process::exit(backhaul_common::EXIT_CONFIG);
 }
 
+/// The secret of `--<flag>` or `--<flag>-file`, if given; exits when it is empty, given twice,
+/// unreadable, or not header text.
+fn load_secret(flag: &str, value: Option<String>, file: Option<&Path>) -> Option<Secret> {
+    secret::load(flag, value, file).unwrap_or_else(|e| fail(e))
+}
+
 fn main() {
     let args = Args::parse();
     backhaul_common::runtime::run("backhaul-frontend", args.runtime, serve(args));
@@ -70,6 +81,11 @@ fn main() {
 
 async fn serve(args: Args) {
     telemetry::init(if args.stdio { "warn" } else { "info" });
+    let client_token = load_secret(
+        "client-token",
+        args.client_token,
+        args.client_token_file.as_deref(),
+    );
     if let Err(e) = backhaul_common::api::validate_backend_id(&args.backend_id) {
         fail(format!("--backend-id: {e}"));
     }
@@ -91,7 +107,7 @@ async fn serve(args: Args) {
         dial: DialOptions {
             timeout: Duration::from_secs(args.connect_timeout_secs),
             tls,
-            headers: bearer_headers(args.client_token.as_deref().filter(|t| !t.is_empty())),
+            headers: bearer_headers(client_token.as_ref()),
             ..DialOptions::default()
         },
         max_connections: args.max_connections,

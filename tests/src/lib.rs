@@ -3,6 +3,7 @@
 //! need. A failing test prints the stderr of every program it started.
 //!
 //! - [`Program`]: one spawned binary, killed on drop;
+//! - [`checks`]: echo transfers checked by hash, refused clients, refused command lines;
 //! - [`Stack`]: service + backend + relay + agent + frontend, wired together;
 //! - [`services`]: echo and other TCP services the tests run in-process;
 //! - [`fault`]: a TCP proxy that cuts every connection after a byte budget;
@@ -10,6 +11,7 @@
 //! - [`forward_proxy`]: tinyproxy refusing CONNECT, for the agent to go through;
 //! - [`sshd`]: a real OpenSSH server with its own keys, for ssh and scp through `--stdio`.
 
+pub mod checks;
 pub mod data;
 pub mod fault;
 pub mod forward_proxy;

@@ -682,7 +682,7 @@ async fn subprotocols_are_negotiated_with_the_backend() {
             assert_eq!(resp.status().as_u16(), 502);
             let body =
                 String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
-            assert!(body.contains("could not reach backend"), "body: {body}");
+            assert!(body.contains("backend unavailable"), "body: {body}");
         }
         other => panic!("expected HTTP 502, got {:?}", other.map(|_| ())),
     }
