@@ -9,8 +9,11 @@
 //! - [`fault`]: a TCP proxy that cuts every connection after a byte budget;
 //! - [`data`]: deterministic pseudo-random streams and their hashes;
 //! - [`forward_proxy`]: tinyproxy refusing CONNECT, for the agent to go through;
-//! - [`sshd`]: a real OpenSSH server with its own keys, for ssh and scp through `--stdio`.
+//! - [`sshd`]: a real OpenSSH server with its own keys, for ssh and scp through `--stdio`;
+//! - [`attack`]: raw requests, other client addresses, close timings and memory figures for
+//!   the adversarial tests of the relay's defences.
 
+pub mod attack;
 pub mod checks;
 pub mod data;
 pub mod fault;

@@ -3,14 +3,15 @@
 //! Close. Written apart from `backhaul_common::ws` (and simpler: whole frames, no streaming) so
 //! the two cannot share a mistake.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Longest wait for one frame or handshake.
 const WAIT: Duration = Duration::from_secs(20);
 
+pub const CONTINUATION: u8 = 0x0;
 pub const TEXT: u8 = 0x1;
 pub const BINARY: u8 = 0x2;
 pub const CLOSE: u8 = 0x8;
@@ -65,7 +66,32 @@ impl RawWs {
         target: &str,
         extra: &[(&str, &str)],
     ) -> Result<(RawWs, String), String> {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::handshake(stream, addr, target, extra).await
+    }
+
+    /// Like [`RawWs::connect`], from the local address `from` (any 127.x.y.z works on Linux's
+    /// loopback), so a test can stand for a second client machine.
+    pub async fn connect_from(
+        from: IpAddr,
+        addr: SocketAddr,
+        target: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<(RawWs, String), String> {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(from, 0))
+            .expect("bind the client address");
+        let stream = socket.connect(addr).await.expect("connect");
+        Self::handshake(stream, addr, target, extra).await
+    }
+
+    async fn handshake(
+        mut stream: TcpStream,
+        addr: SocketAddr,
+        target: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<(RawWs, String), String> {
         let mut req = format!(
             "GET {target} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -126,27 +152,14 @@ impl RawWs {
 
     /// Sends one frame.
     pub async fn send(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
-        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-        let m = if self.client { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => out.push(m | n as u8),
-            n if n < 65536 => {
-                out.push(m | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(m | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        if self.client {
-            let key = [0x12, 0x34, 0x56, 0x78];
-            out.extend_from_slice(&key);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        } else {
-            out.extend_from_slice(payload);
-        }
+        let out = encode(fin, opcode, payload, self.client);
         self.stream.write_all(&out).await.expect("send frame");
+    }
+
+    /// The socket and any bytes already read past the handshake, for a test that drives the
+    /// two directions separately (a flood writer and a reader).
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        (self.stream, self.buf)
     }
 
     /// Sends a Close with `code` and `reason`.
@@ -259,6 +272,31 @@ impl RawWs {
             }
         }
     }
+}
+
+/// One frame as it goes on the wire; `masked` for frames a client sends.
+pub fn encode(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+    let m = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(m | n as u8),
+        n if n < 65536 => {
+            out.push(m | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
 }
 
 /// Parses a Close payload into (code, reason).
