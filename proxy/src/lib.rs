@@ -18,7 +18,7 @@ pub mod stream;
 use anyhow::Context;
 use auth::{Auth, Policy};
 use backhaul_common::transport::{H2_CONNECTION_WINDOW, H2_MAX_FRAME, H2_STREAM_WINDOW};
-use conn::{Activity, ConnConfig, ConnLimits};
+use conn::{Activity, ConnConfig, ConnLimits, Quiet};
 use http_body_util::BodyExt;
 use hub::{Hub, HubConfig};
 use hyper::service::service_fn;
@@ -44,8 +44,9 @@ const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 const H2_MAX_STREAMS: u32 = 128;
 /// Largest HTTP/2 header block accepted.
 const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
-/// How long a connection closed for idleness gets to finish what it is writing.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long a connection closed for idleness gets to say goodbye (an HTTP/2 GOAWAY); a partial
+/// request it had started is cut after this.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// How long shutdown waits for sessions and requests to finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
@@ -247,8 +248,16 @@ where
         r = conn.as_mut() => r,
         quiet = activity.until_idle(first, cfg.idle_timeout) => {
             debug!("closing a quiet connection: {quiet:?}");
-            conn.as_mut().graceful_shutdown();
-            tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
+            match quiet {
+                // Nothing was served: no goodbye is owed. (A graceful shutdown would wait for a
+                // half-sent first request to finish, which is what a slow-loris never does.)
+                Quiet::NoFirstRequest => Ok(()),
+                // Nothing in flight: HTTP/2 peers get a GOAWAY, idle HTTP/1 closes at once.
+                Quiet::Idle => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
+                }
+            }
         }
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
