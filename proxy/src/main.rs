@@ -70,7 +70,7 @@ struct Args {
     #[arg(long, env = "BACKHAUL_MAX_SESSIONS_PER_BACKEND", default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions_per_backend: u64,
     /// Most sessions one client address may hold at once.
-    #[arg(long, env = "BACKHAUL_MAX_SESSIONS_PER_CLIENT", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "BACKHAUL_MAX_SESSIONS_PER_CLIENT", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions_per_client: u64,
     /// Most HTTP connections open at once (WebSocket sessions count under --max-sessions).
     #[arg(long, env = "BACKHAUL_MAX_CONNECTIONS", default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]

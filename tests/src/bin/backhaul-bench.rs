@@ -395,7 +395,15 @@ async fn idle_memory(service: SocketAddr, count: usize, o: &Opts) -> Value {
     eprintln!("holding {count} idle sessions ...");
     let quiet = &o.env;
     let n = count.div_ceil(SESSIONS_PER_PROCESS).max(1);
-    let relay = relay(&[], quiet).await;
+    // Every session comes from one address to one backend: lift the fair-share caps, keep the
+    // relay's total.
+    let caps = [
+        s("--max-sessions-per-client"),
+        s("20000"),
+        s("--max-sessions-per-backend"),
+        s("20000"),
+    ];
+    let relay = relay(&caps, quiet).await;
     let relay_url = format!("http://{}", relay.addr());
     let mut backends = Vec::new();
     let mut agents = Vec::new();
