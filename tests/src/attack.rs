@@ -4,10 +4,10 @@
 //! forwarder that makes a program's connections come from such an address, how long a
 //! connection takes to be closed, resident memory from `/proc`, and round-trip statistics.
 
-use crate::{s, STEP_TIMEOUT};
+use crate::STEP_TIMEOUT;
 use sha2::{Digest, Sha256};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -260,88 +260,6 @@ impl Latencies {
             self.0.len()
         )
     }
-}
-
-/// The files of a private CA and a certificate for `localhost` signed by it, made with
-/// `openssl` (as tests/tests/stack.rs's `https_relay_with_a_private_ca` makes them).
-pub struct TestCerts {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-pub async fn test_certs() -> TestCerts {
-    let dir = crate::scratch_dir("tls");
-    let (ca, ca_key, csr) = (dir.join("ca.pem"), dir.join("ca.key"), dir.join("leaf.csr"));
-    let (cert, key, ext) = (
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-        dir.join("leaf.ext"),
-    );
-    std::fs::write(
-        &ext,
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("write extensions");
-    let p = |path: &PathBuf| path.display().to_string();
-    for args in [
-        vec![
-            s("req"),
-            s("-x509"),
-            s("-newkey"),
-            s("rsa:2048"),
-            s("-nodes"),
-            s("-days"),
-            s("2"),
-            s("-subj"),
-            s("/CN=backhaul test CA"),
-            s("-keyout"),
-            p(&ca_key),
-            s("-out"),
-            p(&ca),
-        ],
-        vec![
-            s("req"),
-            s("-newkey"),
-            s("rsa:2048"),
-            s("-nodes"),
-            s("-subj"),
-            s("/CN=localhost"),
-            s("-keyout"),
-            p(&key),
-            s("-out"),
-            p(&csr),
-        ],
-        vec![
-            s("x509"),
-            s("-req"),
-            s("-in"),
-            p(&csr),
-            s("-CA"),
-            p(&ca),
-            s("-CAkey"),
-            p(&ca_key),
-            s("-CAcreateserial"),
-            s("-days"),
-            s("2"),
-            s("-extfile"),
-            p(&ext),
-            s("-out"),
-            p(&cert),
-        ],
-    ] {
-        let out = tokio::process::Command::new("openssl")
-            .args(&args)
-            .output()
-            .await
-            .expect("openssl is needed to make test certificates");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    TestCerts { ca, cert, key }
 }
 
 /// A TLS client trusting only `ca`, offering no ALPN: it completes a handshake and nothing more.

@@ -1,4 +1,4 @@
-//! Checks the trust tests (tests/tests/edge_trust.rs) are made of: an echo transfer verified by
+//! Checks the end-to-end tests (tests/tests/*.rs) are made of: an echo transfer verified by
 //! hash, a client that must be turned away promptly, a program that must refuse its command
 //! line with exit 64, a backend with extra flags, a secret in a private file.
 
@@ -33,8 +33,8 @@ pub async fn echo_transfer(entry: SocketAddr, seed: u64, len: u64) {
     assert_eq!(sent_hash, data::expected_hash(seed, len));
 }
 
-/// A client of `entry` that sends `hello` must see its connection end within 10 s with nothing
-/// carried back; `why` says what would be wrong otherwise.
+/// A client of `entry` that sends `hello` must see its connection end (end of stream or reset)
+/// within 10 s, with nothing carried back; `why` says what would be wrong otherwise.
 pub async fn expect_closed_promptly(entry: SocketAddr, hello: &[u8], why: &str) {
     let mut c = step("connect", TcpStream::connect(entry)).await.unwrap();
     let _ = c.write_all(hello).await;

@@ -4,6 +4,7 @@
 //!
 //! - [`Program`]: one spawned binary, killed on drop;
 //! - [`checks`]: echo transfers checked by hash, refused clients, refused command lines;
+//! - [`certs`]: a private CA and a certificate for `localhost`, made with `openssl`;
 //! - [`Stack`]: service + backend + relay + agent + frontend, wired together;
 //! - [`services`]: echo and other TCP services the tests run in-process;
 //! - [`fault`]: a TCP proxy that cuts every connection after a byte budget;
@@ -14,6 +15,7 @@
 //!   the adversarial tests of the relay's defences.
 
 pub mod attack;
+pub mod certs;
 pub mod checks;
 pub mod data;
 pub mod fault;

@@ -1,42 +1,18 @@
 //! The four real programs on ephemeral ports, with real bytes checked by hash.
 
+use backhaul_tests::certs::{test_certs, TestCerts};
+use backhaul_tests::checks::{echo_transfer, expect_closed_promptly, step};
 use backhaul_tests::fault::FaultInjector;
 use backhaul_tests::forward_proxy::ForwardProxy;
 use backhaul_tests::{
     agent, backend, closed_port, data, frontend, relay, s, services, Stack, StackOptions,
-    STEP_TIMEOUT,
 };
 use futures_util::{SinkExt, StreamExt};
-use std::net::SocketAddr;
-use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 
 const MIB: u64 = 1 << 20;
-
-async fn step<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    timeout(STEP_TIMEOUT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {STEP_TIMEOUT:?}"))
-}
-
-/// Sends `len` bytes of stream `seed` through `entry` (an echo service behind it) while reading
-/// the echo; checks that what came back hashes like what was sent.
-async fn echo_transfer(entry: SocketAddr, seed: u64, len: u64) {
-    let stream = step("connect", TcpStream::connect(entry)).await.unwrap();
-    let (mut r, mut w) = stream.into_split();
-    let sender = tokio::spawn(async move { data::send(&mut w, seed, len).await });
-    let (got, got_hash) = step("echo transfer", data::receive(&mut r)).await.unwrap();
-    let sent_hash = sender.await.unwrap().unwrap();
-    assert_eq!(got, len, "echo returned {got} of {len} bytes");
-    assert_eq!(
-        got_hash, sent_hash,
-        "echoed bytes differ from the sent ones"
-    );
-    assert_eq!(sent_hash, data::expected_hash(seed, len));
-}
 
 /// A WebSocket client of `url` must be refused with HTTP `status` and a body containing `needle`.
 async fn expect_ws_refused(url: String, status: u16, needle: &str) {
@@ -56,17 +32,6 @@ async fn expect_ws_refused(url: String, status: u16, needle: &str) {
         }
         other => panic!("expected HTTP {status}, got {:?}", other.map(|_| ())),
     }
-}
-
-/// A client of `entry` that sends `hello` must see its connection end (end of stream or reset)
-/// within 10 s, with nothing carried back; `why` says what would be wrong otherwise.
-async fn expect_closed_promptly(entry: SocketAddr, hello: &[u8], why: &str) {
-    let mut c = step("connect", TcpStream::connect(entry)).await.unwrap();
-    let _ = c.write_all(hello).await;
-    let mut buf = Vec::new();
-    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut buf)).await;
-    assert!(r.is_ok(), "{why}");
-    assert!(buf.is_empty(), "a refused session carried bytes back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -692,78 +657,7 @@ async fn subprotocols_are_negotiated_with_the_backend() {
 async fn https_relay_with_a_private_ca() {
     // A private CA and a certificate for localhost signed by it; agent and frontend trust the
     // CA through --ca-cert.
-    let dir = backhaul_tests::scratch_dir("tls");
-    let (ca, ca_key, csr) = (dir.join("ca.pem"), dir.join("ca.key"), dir.join("leaf.csr"));
-    let (cert, key, ext) = (
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-        dir.join("leaf.ext"),
-    );
-    std::fs::write(
-        &ext,
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let openssl = |args: Vec<String>| async move {
-        let out = tokio::process::Command::new("openssl")
-            .args(&args)
-            .output()
-            .await
-            .expect("openssl is needed to make test certificates");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let p = |path: &std::path::PathBuf| path.display().to_string();
-    openssl(vec![
-        s("req"),
-        s("-x509"),
-        s("-newkey"),
-        s("rsa:2048"),
-        s("-nodes"),
-        s("-days"),
-        s("2"),
-        s("-subj"),
-        s("/CN=backhaul test CA"),
-        s("-keyout"),
-        p(&ca_key),
-        s("-out"),
-        p(&ca),
-    ])
-    .await;
-    openssl(vec![
-        s("req"),
-        s("-newkey"),
-        s("rsa:2048"),
-        s("-nodes"),
-        s("-subj"),
-        s("/CN=localhost"),
-        s("-keyout"),
-        p(&key),
-        s("-out"),
-        p(&csr),
-    ])
-    .await;
-    openssl(vec![
-        s("x509"),
-        s("-req"),
-        s("-in"),
-        p(&csr),
-        s("-CA"),
-        p(&ca),
-        s("-CAkey"),
-        p(&ca_key),
-        s("-CAcreateserial"),
-        s("-days"),
-        s("2"),
-        s("-extfile"),
-        p(&ext),
-        s("-out"),
-        p(&cert),
-    ])
-    .await;
+    let TestCerts { ca, cert, key } = test_certs().await;
 
     let echo = services::echo().await;
     let backend = backend(echo, &[]).await;

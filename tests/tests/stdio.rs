@@ -3,21 +3,15 @@
 //! the frontend must exit when the session ends. Checked with bare writes to its stdin, then with
 //! a real OpenSSH server behind the whole stack and the real ssh and scp in front of it.
 
+use backhaul_tests::checks::step;
 use backhaul_tests::sshd::Sshd;
 use backhaul_tests::{data, s, Program, Stack, StackOptions, STEP_TIMEOUT};
 use std::process::{Output, Stdio};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
-use tokio::time::timeout;
 
 const MIB: u64 = 1 << 20;
 const CLIENT_TOKEN: &str = "stdio-client-secret";
-
-async fn step<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    timeout(STEP_TIMEOUT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {STEP_TIMEOUT:?}"))
-}
 
 /// The frontend's arguments for one session to the stack's backend over stdin/stdout.
 fn stdio_args(stack: &Stack) -> Vec<String> {

@@ -7,10 +7,12 @@ use backhaul_tests::attack::{
     self, closed_after, forward_from, http, secret_hash, still_open, write_file, Latencies, Memory,
     MemorySampler, AGENT_HOST, OTHER_CLIENT,
 };
+use backhaul_tests::certs::test_certs;
+use backhaul_tests::checks::{echo_transfer, refuses_to_start, step};
 use backhaul_tests::rawws::{self, header, RawWs, BINARY, CONTINUATION, PING, PONG, TEXT};
 use backhaul_tests::{
     agent, backend, bin, data, frontend, relay, s, scratch_dir, services, Program, Stack,
-    StackOptions, STEP_TIMEOUT,
+    StackOptions,
 };
 use serde_json::json;
 use std::net::SocketAddr;
@@ -35,12 +37,6 @@ const A_AGENT_NEW: &str = "alpha-agent-rotated-5c4b3a29180f7e6d";
 /// The flood test measures latency and memory; every other test holds this for reading, the
 /// flood test for writing, so nothing else runs on the two cores while it measures.
 static QUIET: RwLock<()> = RwLock::const_new(());
-
-async fn step<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    timeout(STEP_TIMEOUT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {STEP_TIMEOUT:?}"))
-}
 
 fn bearer(secret: &str) -> String {
     format!("Bearer {secret}")
@@ -76,22 +72,6 @@ fn log_line<'a>(log: &'a str, needle: &str) -> &'a str {
     log.lines()
         .find(|l| l.contains(needle))
         .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{log}"))
-}
-
-/// Sends `len` bytes of stream `seed` through `entry` (an echo service behind it) while reading
-/// the echo; checks that what came back hashes like what was sent.
-async fn echo_transfer(entry: SocketAddr, seed: u64, len: u64) {
-    let stream = step("connect", TcpStream::connect(entry)).await.unwrap();
-    let (mut r, mut w) = stream.into_split();
-    let sender = tokio::spawn(async move { data::send(&mut w, seed, len).await });
-    let (got, got_hash) = step("echo transfer", data::receive(&mut r)).await.unwrap();
-    let sent_hash = sender.await.unwrap().unwrap();
-    assert_eq!(got, len, "echo returned {got} of {len} bytes");
-    assert_eq!(
-        got_hash, sent_hash,
-        "echoed bytes differ from the sent ones"
-    );
-    assert_eq!(sent_hash, data::expected_hash(seed, len));
 }
 
 /// One long-lived TCP connection through a frontend to an echo service, carrying chunks while
@@ -506,18 +486,6 @@ async fn sighup_revokes_a_rotated_secret_and_spares_other_sessions() {
 
 // ----- 4. secrets ------------------------------------------------------------------------------
 
-async fn relay_exit(args: &[&str]) -> (Option<i32>, String) {
-    let out = tokio::process::Command::new(bin("backhaul-relay"))
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 /// Attack: a deployment mistake that would turn authentication off (an empty token from an
 /// unset variable, an empty token file) or expose an open relay. Defence: empty secrets exit
 /// with code 64 naming the flag; `new-secret` prints a secret and the hash `hash-secret`
@@ -539,8 +507,8 @@ async fn empty_secrets_are_refused_and_open_relays_warn() {
             "--client-token",
         ),
     ] {
-        let (code, stderr) = relay_exit(&args).await;
-        assert_eq!(code, Some(64), "{args:?}: {stderr}");
+        let args: Vec<String> = args.into_iter().map(s).collect();
+        let stderr = refuses_to_start("backhaul-relay", &args, &[]).await;
         assert!(
             stderr.contains(flag) && stderr.contains("empty"),
             "{args:?}: {stderr}"
@@ -747,7 +715,7 @@ async fn slowloris_connections_are_closed_at_their_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_over_tls_is_closed_at_the_deadline() {
     let _quiet = QUIET.read().await;
-    let certs = attack::test_certs().await;
+    let certs = test_certs().await;
     let relay = relay(
         &[
             s("--tls-cert"),
