@@ -27,6 +27,7 @@ use hyper_util::server::conn::auto;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
@@ -144,33 +145,11 @@ pub async fn run(
                 let _slot = slot;
                 let cfg = limits.config();
                 let deadline = tokio::time::Instant::now() + cfg.first_request_timeout;
-                let result = match tls {
-                    None => {
-                        serve(
-                            &builder,
-                            TokioIo::new(stream),
-                            ctx,
-                            peer,
-                            cfg,
-                            deadline,
-                            shutdown,
-                        )
-                        .await
-                    }
+                let io = match tls {
+                    None => Either::Left(stream),
                     Some(acceptor) => {
                         match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                            Ok(Ok(tls_stream)) => {
-                                serve(
-                                    &builder,
-                                    TokioIo::new(tls_stream),
-                                    ctx,
-                                    peer,
-                                    cfg,
-                                    deadline,
-                                    shutdown,
-                                )
-                                .await
-                            }
+                            Ok(Ok(tls_stream)) => Either::Right(tls_stream),
                             Ok(Err(e)) => {
                                 debug!("TLS handshake failed: {e}");
                                 return;
@@ -182,6 +161,8 @@ pub async fn run(
                         }
                     }
                 };
+                let io = TokioIo::new(io);
+                let result = serve(&builder, io, ctx, peer, cfg, deadline, shutdown).await;
                 if let Err(e) = result {
                     debug!("connection ended with an error: {e}");
                 }
