@@ -220,6 +220,8 @@ pub enum WireError {
     Truncated(usize),
     #[error("malformed frame payload: {0}")]
     BadPayload(&'static str),
+    #[error("batch starting at sequence {0} has a frame past the last sequence number")]
+    SeqOverflow(u64),
 }
 
 /// Incremental batch decoder: feed it body chunks as they arrive, take frames as soon as they are
@@ -324,7 +326,11 @@ impl BatchReader {
         let Some((kind, flags, session, payload)) = taken else {
             return Ok(None);
         };
-        let seq = header.first_seq + self.frames;
+        // A peer's first_seq can be anything: near u64::MAX, a later frame's number would wrap.
+        let seq = header
+            .first_seq
+            .checked_add(self.frames)
+            .ok_or(WireError::SeqOverflow(header.first_seq))?;
         self.frames += 1;
         Ok(Some((seq, Frame::new(kind, flags, session, payload))))
     }
@@ -493,6 +499,29 @@ mod tests {
         assert!(Frame::new(Kind::Close, 0, 1, Bytes::from_static(b"a"))
             .close_parts()
             .is_err());
+    }
+
+    #[test]
+    fn sequence_numbers_past_u64_max_are_refused() {
+        // Found by fuzz/fuzz_targets/batch_reader.rs: this overflowed (a panic with overflow
+        // checks, a wrap to sequence 0 without).
+        let mut buf = encode(
+            BatchHeader {
+                ack: 0,
+                first_seq: u64::MAX,
+            },
+            &[],
+        );
+        let last = buf.clone();
+        buf.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            decode_batch(&buf).unwrap_err(),
+            WireError::SeqOverflow(u64::MAX)
+        );
+        // Frame u64::MAX itself is fine.
+        let mut one = last;
+        one.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(decode_batch(&one).unwrap().1[0].0, u64::MAX);
     }
 
     #[test]
