@@ -493,28 +493,35 @@ mod tests {
             WireError::Truncated(FRAME_HEADER_LEN + 2)
         );
         assert!(decode_batch(&[1, 0, 0]).is_err());
-        // The last sequence number is usable; the frame after it is refused, not wrapped to 0.
-        let two = [
-            Frame::data(1, false, true, Bytes::from_static(b"a")),
-            Frame::data(1, false, true, Bytes::from_static(b"b")),
-        ];
-        let buf = encode(
-            BatchHeader {
-                ack: 0,
-                first_seq: u64::MAX,
-            },
-            &two,
-        );
-        assert_eq!(
-            decode_batch(&buf).unwrap_err(),
-            WireError::SequenceOverflow(u64::MAX)
-        );
         assert!(Frame::new(Kind::Window, 0, 1, Bytes::from_static(b"abc"))
             .window_credit()
             .is_err());
         assert!(Frame::new(Kind::Close, 0, 1, Bytes::from_static(b"a"))
             .close_parts()
             .is_err());
+    }
+
+    #[test]
+    fn sequence_numbers_past_u64_max_are_refused() {
+        // Found by fuzz/fuzz_targets/batch_reader.rs: this overflowed (a panic with overflow
+        // checks, a wrap to sequence 0 without).
+        let mut buf = encode(
+            BatchHeader {
+                ack: 0,
+                first_seq: u64::MAX,
+            },
+            &[],
+        );
+        let last = buf.clone();
+        buf.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            decode_batch(&buf).unwrap_err(),
+            WireError::SequenceOverflow(u64::MAX)
+        );
+        // Frame u64::MAX itself is fine.
+        let mut one = last;
+        one.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(decode_batch(&one).unwrap().1[0].0, u64::MAX);
     }
 
     #[test]

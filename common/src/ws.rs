@@ -128,7 +128,8 @@ impl Decoder {
 
     /// The next event from the front of `buf`, consuming its bytes; `Ok(None)` until more bytes
     /// are needed. Data pieces are at most `max_piece` bytes; their payload is unmasked in place
-    /// and split off `buf` without a copy.
+    /// and split off `buf` without a copy. An error consumes nothing and changes no state, so a
+    /// refused stream stays refused: asked again, the decoder refuses again.
     pub fn decode(
         &mut self,
         buf: &mut BytesMut,
@@ -150,16 +151,19 @@ impl Decoder {
                         _ => {}
                     }
                     if opcode >= 0x8 {
-                        // Control frame: wait until it is whole (at most 125 bytes).
-                        if buf.len() < header_len + len as usize {
+                        // Control frame: wait until it is whole (at most 125 bytes), and check
+                        // it (a copy) before consuming it, so a bad Close stays refused.
+                        let end = header_len + len as usize;
+                        if buf.len() < end {
                             return Ok(None);
                         }
-                        buf.advance(header_len);
-                        let mut payload = buf.split_to(len as usize);
+                        let mut payload = BytesMut::from(&buf[header_len..end]);
                         if let Some(m) = mask {
                             apply_mask(&mut payload, m, 0);
                         }
-                        return control_event(opcode, payload.freeze()).map(Some);
+                        let event = control_event(opcode, payload.freeze())?;
+                        buf.advance(end);
+                        return Ok(Some(event));
                     }
                     let text = match (opcode, self.message) {
                         (OP_CONTINUATION, Some((text, _))) => text,
@@ -738,6 +742,28 @@ mod tests {
                 }
             };
             assert_eq!(err.close_code(), Some(code), "{bytes:02x?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_refused_close_stays_refused() {
+        // Found by fuzz/fuzz_targets/ws_decoder.rs: a bad Close was consumed with its error, so
+        // the decoder, asked again, read on past it.
+        let good = [0x82, 0x01, b'x'];
+        for bad in [
+            &[0x88, 0x01, 0x88][..],             // one-byte payload
+            &[0x88, 0x03, 0x03, 0xe8, 0xff][..], // reason not UTF-8
+            &[0x88, 0x02, 0x03, 0xee][..],       // 1006: must not be sent
+        ] {
+            let mut d = Decoder::new(Role::Client, 1024);
+            let mut buf = BytesMut::from(bad);
+            assert!(d.decode(&mut buf, 4096).is_err(), "{bad:02x?}");
+            assert_eq!(&buf[..], bad, "the refused frame was consumed");
+            buf.extend_from_slice(&good);
+            assert!(
+                d.decode(&mut buf, 4096).is_err(),
+                "{bad:02x?} then accepted"
+            );
         }
     }
 
