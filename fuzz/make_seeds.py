@@ -122,3 +122,33 @@ write("reliable", "cursor",
 write("reliable", "lone-receiver-and-bad-acks",
       bytes([0]) + u64(0) + bytes([0]) + u64(0) + bytes([0]) + u64(2**64 - 1)
       + bytes([PUSH, 0, ACK]) + u64(2**64 - 1) + bytes([ACK]) + u64(1) + bytes([ACK]) + u64(0))
+
+
+# relay_http: the bytes a client sends to the relay (tokens as fuzz_targets/relay_http.rs sets).
+AGENT = "Authorization: Bearer fuzz-agent-token\r\n"
+CLIENT = "Authorization: Bearer fuzz-client-token\r\n"
+UPGRADE = ("Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+hello = json.dumps({"protocol": 2, "backend_id": "fz", "agent": "fuzz"})
+for name, req in [
+    ("healthz", "GET /healthz HTTP/1.1\r\nHost: r\r\n\r\n"),
+    ("session", "GET /b/fz/x?y=1 HTTP/1.1\r\nHost: r\r\n" + CLIENT + UPGRADE
+     + "Sec-WebSocket-Protocol: a, b\r\nCookie: c=1\r\n\r\n"),
+    ("session-no-token", "GET /b/fz HTTP/1.1\r\nHost: r\r\n" + UPGRADE + "\r\n"),
+    ("register", "POST /agent/v1/links HTTP/1.1\r\nHost: r\r\n" + AGENT
+     + "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(hello), hello)),
+    ("poll", "GET /agent/v1/links/00000000-0000-0000-0000-000000000000/poll?ack=0 HTTP/1.1\r\n"
+     "Host: r\r\n" + AGENT + "\r\n"),
+    ("push", "POST /agent/v1/links/00000000-0000-0000-0000-000000000000/push HTTP/1.1\r\n"
+     "Host: r\r\n" + AGENT + "Content-Length: 17\r\n\r\n" + "\x01" + "\x00" * 16),
+    ("delete", "DELETE /agent/v1/links/x HTTP/1.1\r\nHost: r\r\n" + AGENT + "\r\n"),
+    ("pipelined", "GET /healthz HTTP/1.1\r\nHost: r\r\n\r\nGET /nope HTTP/1.1\r\nHost: r\r\n\r\n"),
+]:
+    write("relay_http", name, req.encode("latin-1"))
+# HTTP/2 with prior knowledge: the preface, an empty SETTINGS frame, then a HEADERS frame for
+# GET /healthz (HPACK indexed :method GET, :scheme http, :path literal, :authority literal).
+path = b"/healthz"
+block = bytes([0x82, 0x86, 0x44, len(path)]) + path + bytes([0x41, 1]) + b"r"
+h2 = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+      + struct.pack(">I", len(block))[1:] + b"\x01\x05\x00\x00\x00\x01" + block)
+write("relay_http", "h2-healthz", h2)

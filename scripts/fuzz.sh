@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 secs="${1:-30}"
 case "$secs" in '' | *[!0-9]*) echo "usage: $0 [SECONDS_PER_TARGET]" >&2; exit 64 ;; esac
 sanitizer="${FUZZ_SANITIZER:-none}"
-targets=(ws_decoder batch_reader agent_api_json reliable)
+targets=(ws_decoder batch_reader agent_api_json reliable relay_http)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz"

@@ -105,7 +105,10 @@ pub async fn run(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // A client that ends its side after the request still gets the answer (`nc -N`,
+        // scripts); the deadlines bound how long a half-closed connection can stay.
+        .half_close(true);
     // HTTP/2 carries agents' streaming links: windows big enough for a whole batch in flight.
     builder
         .http2()
