@@ -8,6 +8,7 @@
 //! - [`Stack`]: service + backend + relay + agent + frontend, wired together;
 //! - [`services`]: echo and other TCP services the tests run in-process;
 //! - [`fault`]: a TCP proxy that cuts every connection after a byte budget;
+//! - [`wan`]: an emulated WAN path (one-way delay, bandwidth cap per direction);
 //! - [`data`]: deterministic pseudo-random streams and their hashes;
 //! - [`forward_proxy`]: tinyproxy refusing CONNECT, for the agent to go through;
 //! - [`sshd`]: a real OpenSSH server with its own keys, for ssh and scp through `--stdio`;
@@ -24,6 +25,7 @@ pub mod google_tcpbridge;
 pub mod rawws;
 pub mod services;
 pub mod sshd;
+pub mod wan;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -315,6 +317,20 @@ impl Stack {
 
     /// Like [`Stack::start`], with extra environment for every program (e.g. `RUST_LOG`).
     pub async fn start_with_env(opts: StackOptions, env: &[(String, String)]) -> Stack {
+        Self::assemble(opts, env, None).await
+    }
+
+    /// Like [`Stack::start`] around a relay already running (so that something can be put
+    /// between it and the agent first, with [`StackOptions::agent_relay_url`]).
+    pub async fn start_with_relay(opts: StackOptions, relay: Program) -> Stack {
+        Self::assemble(opts, &[], Some(relay)).await
+    }
+
+    async fn assemble(
+        opts: StackOptions,
+        env: &[(String, String)],
+        relay: Option<Program>,
+    ) -> Stack {
         let target = match opts.target {
             Some(t) => t,
             None => services::echo().await,
@@ -325,7 +341,10 @@ impl Stack {
             opts.backend_id.clone()
         };
         let backend = backend(target, env).await;
-        let relay = relay(&opts.relay_args, env).await;
+        let relay = match relay {
+            Some(r) => r,
+            None => self::relay(&opts.relay_args, env).await,
+        };
         let mut agent_opts = opts.clone();
         agent_opts.agent_env.extend(env.iter().cloned());
         let agent = start_agent(&agent_opts, &relay, &backend, &backend_id).await;
