@@ -3,8 +3,8 @@
 //! bandwidth-delay product that agents behind WAN links and proxies see. No root, no kernel
 //! module (netem is not available here): the delay line is in user space.
 //!
-//! Each direction is a bottleneck link: bytes are serialised at `bits_per_sec` one after the
-//! other, then arrive `one_way` later. The line holds at most [`WanProfile::queue_bytes`]
+//! Each direction is one bottleneck link shared by every connection through the path: bytes are
+//! serialised at `bits_per_sec` one after the other, then arrive `one_way` later. The line holds at most [`WanProfile::queue_bytes`]
 //! (twice the bandwidth-delay product, at least 1 MiB); when it is full the forwarder stops
 //! reading, so the sender feels back-pressure as it would from a full router queue, and a plain
 //! TCP connection can fill the path.
@@ -94,8 +94,12 @@ impl WanPath {
             .await
             .expect("bind WAN path");
         let addr = l.local_addr().expect("addr");
+        // When each direction's bottleneck finishes sending what it has been given so far.
+        let up = Arc::new(std::sync::Mutex::new(Instant::now()));
+        let down = Arc::new(std::sync::Mutex::new(Instant::now()));
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = l.accept().await {
+                let (up, down) = (up.clone(), down.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
@@ -104,7 +108,7 @@ impl WanPath {
                     let _ = server.set_nodelay(true);
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    tokio::join!(line(cr, sw, profile), line(sr, cw, profile));
+                    tokio::join!(line(cr, sw, profile, up), line(sr, cw, profile, down));
                 });
             }
         });
@@ -136,6 +140,7 @@ async fn line(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
     profile: WanProfile,
+    bottleneck: Arc<std::sync::Mutex<Instant>>,
 ) {
     let line = Arc::new(Line {
         pieces: std::sync::Mutex::new(VecDeque::new()),
@@ -145,8 +150,7 @@ async fn line(
     let reader = {
         let line = line.clone();
         async move {
-            // When the bottleneck finishes sending what it has been given so far.
-            let mut busy_until = Instant::now();
+            let mut last_arrival = Instant::now();
             let mut buf = vec![0u8; PIECE];
             loop {
                 let Ok(permit) = line.room.acquire_many(PIECE as u32).await else {
@@ -159,14 +163,18 @@ async fn line(
                 // Keep only the room the piece takes.
                 permit.forget();
                 line.room.add_permits(PIECE - n);
-                let now = Instant::now();
-                busy_until = busy_until.max(now) + profile.serialisation(n);
-                let arrive = busy_until + profile.one_way;
+                let sent = {
+                    let mut busy_until = lock(&bottleneck);
+                    *busy_until = (*busy_until).max(Instant::now()) + profile.serialisation(n);
+                    *busy_until
+                };
+                let arrive = sent + profile.one_way;
+                last_arrival = arrive;
                 lock(&line.pieces).push_back((arrive, buf[..n].to_vec()));
                 line.queued.notify_one();
             }
             // End of stream: an empty piece, after everything read.
-            let arrive = busy_until.max(Instant::now()) + profile.one_way;
+            let arrive = last_arrival.max(Instant::now() + profile.one_way);
             lock(&line.pieces).push_back((arrive, Vec::new()));
             line.queued.notify_one();
         }

@@ -5,13 +5,18 @@
 //! - connection set-up (connect to first echoed byte, p50 and p99) and new sessions per second,
 //!   one after another and 32 at a time;
 //! - CPU seconds each backhaul process spends per GiB carried;
-//! - resident memory of every process with 1,000 and 10,000 idle sessions open.
+//! - resident memory of every process with 1,000 and 10,000 idle sessions open;
+//! - over emulated WAN paths between agent and relay (`--wan`, tests/src/wan.rs), each beside
+//!   one plain TCP connection over the same path: throughput of one session and of `--conns`
+//!   at once, 64-byte round trips and session set-up; long-poll also through tinyproxy.
 //!
 //! Run with `scripts/bench.sh` (builds the release binaries, runs this, draws the chart), or
 //! `target/release/backhaul-bench --help`. Benchmarks measure; nothing here is asserted, and CI
 //! does not run it. The target service runs in a child process (`--serve`), so the benchmark's
 //! own sockets and the service's do not share one file-descriptor limit.
 
+use backhaul_tests::forward_proxy::ForwardProxy;
+use backhaul_tests::wan::{WanPath, WanProfile};
 use backhaul_tests::{agent, backend, frontend, relay, s, Program, Stack, StackOptions};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -40,6 +45,10 @@ options:
   --idle N[,N..]      idle session counts to hold open (default 1000,10000)
   --transports LIST   agent transports to measure (default websocket,http2,longpoll)
   --threads N         worker threads of each backhaul program (default 0: one per CPU, as shipped)
+  --wan LIST          emulated paths between agent and relay, RTT_MS:MBIT each
+                      (default 20:500,50:200,100:100,300:20; none to skip)
+  --wan-secs N        seconds each WAN bulk transfer should take at the path's cap (default 3)
+  --wan-only          measure only the WAN profiles (no loopback figures, no idle memory)
   --json PATH         write the results as JSON
   --chart JSON SVG    only draw the chart of a JSON result file
   --serve             (internal) run the target service and print its address
@@ -188,14 +197,14 @@ async fn bulk(addr: SocketAddr, bytes: u64, conns: usize, up: bool) -> f64 {
 }
 
 /// Round trips of 64-byte messages; returns sorted durations in microseconds.
-async fn rtts(addr: SocketAddr, count: usize) -> Vec<f64> {
+async fn rtts(addr: SocketAddr, count: usize, warmup: usize) -> Vec<f64> {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let _ = s.set_nodelay(true);
     s.write_all(b"e").await.expect("write");
     let msg = [7u8; 64];
     let mut back = [0u8; 64];
     // Warm up the path (connection set-up, first session frames).
-    for _ in 0..50 {
+    for _ in 0..warmup {
         s.write_all(&msg).await.expect("write");
         s.read_exact(&mut back).await.expect("read");
     }
@@ -296,6 +305,8 @@ struct Opts {
     setups: usize,
     idle: Vec<usize>,
     transports: Vec<String>,
+    wan: Vec<WanProfile>,
+    wan_secs: f64,
     /// Environment of the backhaul programs: quiet logs, `BACKHAUL_THREADS`.
     env: Vec<(String, String)>,
 }
@@ -355,7 +366,7 @@ impl Path {
     /// set-ups, measured now.
     async fn finish(&self, o: &Opts) -> Value {
         eprintln!("measuring round trips and set-ups over {} ...", self.name);
-        let r = rtts(self.addr, o.rtts).await;
+        let r = rtts(self.addr, o.rtts, 50).await;
         let (seq, seq_rate) = setups(self.addr, o.setups, 1).await;
         let (_, par_rate) = setups(self.addr, o.setups, 32).await;
         let moved_gib = (4 * o.rounds) as f64 * o.bytes as f64 / GIB;
@@ -452,6 +463,192 @@ async fn idle_memory(service: SocketAddr, count: usize, o: &Opts) -> Value {
     }
     drop(held);
     json!({"sessions": sessions, "kib_per_session_total": total, "roles": per_role})
+}
+
+/// One path over an emulated WAN profile, in Mbit/s (10^6 bits) and milliseconds.
+async fn wan_measure(addr: SocketAddr, profile: WanProfile, o: &Opts) -> Value {
+    let bytes = ((profile.bits_per_sec as f64 / 8.0 * o.wan_secs) as u64).max(1 << 20);
+    let mbit = |mb_per_s: f64| mb_per_s * 8.0;
+    let up_1 = mbit(bulk(addr, bytes, 1, true).await);
+    let down_1 = mbit(bulk(addr, bytes, 1, false).await);
+    let up_n = mbit(bulk(addr, bytes, o.conns, true).await);
+    let down_n = mbit(bulk(addr, bytes, o.conns, false).await);
+    // About five seconds of round trips, at least 20.
+    let count = ((5.0 / profile.rtt().as_secs_f64()) as usize).clamp(20, 500);
+    let r = rtts(addr, count, 5).await;
+    let (su, _) = setups(addr, 20, 1).await;
+    json!({
+        "bytes": bytes,
+        "upload_1_mbit": up_1,
+        "download_1_mbit": down_1,
+        "upload_n_mbit": up_n,
+        "download_n_mbit": down_n,
+        "rtt_p50_ms": pct(&r, 50.0) / 1e3,
+        "rtt_p99_ms": pct(&r, 99.0) / 1e3,
+        "setup_p50_ms": pct(&su, 50.0) / 1e3,
+        "setup_p99_ms": pct(&su, 99.0) / 1e3,
+    })
+}
+
+/// Every WAN profile: plain TCP over the path (client -> path -> service) and the stack with
+/// the path between agent and relay, on each transport (and long-poll through tinyproxy).
+async fn wan_profiles(target: SocketAddr, o: &Opts) -> Vec<Value> {
+    let mut out = Vec::new();
+    for &profile in &o.wan {
+        let label = profile.label();
+        let mut paths = serde_json::Map::new();
+        eprintln!("WAN {label}: plain TCP ...");
+        let plain = WanPath::start(target, profile).await;
+        paths.insert("tcp".into(), wan_measure(plain.addr, profile, o).await);
+        drop(plain);
+        let mut runs: Vec<(String, String, bool)> = o
+            .transports
+            .iter()
+            .map(|t| (t.clone(), t.clone(), false))
+            .collect();
+        if o.transports.iter().any(|t| t == "longpoll") {
+            runs.push(("longpoll+tinyproxy".into(), "longpoll".into(), true));
+        }
+        for (name, transport, via_proxy) in runs {
+            eprintln!("WAN {label}: {name} ...");
+            let proxy = if via_proxy {
+                Some(ForwardProxy::start().await)
+            } else {
+                None
+            };
+            let relay = relay(&[], &o.env).await;
+            let path = WanPath::start(relay.addr(), profile).await;
+            let mut agent_env = o.env.clone();
+            if let Some(p) = &proxy {
+                agent_env.push((s("HTTP_PROXY"), p.url()));
+            }
+            let stack = Stack::start_with_relay(
+                StackOptions {
+                    target: Some(target),
+                    agent_relay_url: Some(path.url()),
+                    agent_args: vec![s("--transport"), transport],
+                    agent_env,
+                    ..Default::default()
+                },
+                relay,
+            )
+            .await;
+            paths.insert(name, wan_measure(stack.entry(), profile, o).await);
+        }
+        out.push(json!({
+            "profile": label,
+            "rtt_ms": profile.rtt().as_secs_f64() * 1e3,
+            "mbit": profile.bits_per_sec / 1_000_000,
+            "paths": paths,
+        }));
+    }
+    out
+}
+
+/// The loopback figures: every path's bulk rounds, round trips, set-up and CPU, then idle
+/// memory.
+async fn loopback(target: SocketAddr, o: &Opts) -> (serde_json::Map<String, Value>, Vec<Value>) {
+    // Every path stays up for the whole run and the rounds take them in turn, so that a change
+    // in the machine's speed during the run (common on shared VMs) touches all of them alike.
+    let mut paths = vec![Path::new("direct", target, Vec::new())];
+    let mut chain: Vec<Program> = Vec::new();
+    let mut next = target;
+    for _ in 0..FORWARDERS {
+        let p = Program::listening("backhaul-bench", &[s("--forward"), s(next)], &[]).await;
+        next = p.addr();
+        chain.push(p);
+    }
+    paths.push(Path::new(
+        "tcp-chain",
+        next,
+        chain
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.pid().map(|pid| (format!("fwd{}", i + 1), pid)))
+            .collect(),
+    ));
+    let mut stacks = Vec::new();
+    for t in &o.transports {
+        let stack = Stack::start_with_env(
+            StackOptions {
+                target: Some(target),
+                agent_args: vec![s("--transport"), t.clone()],
+                ..Default::default()
+            },
+            &o.env,
+        )
+        .await;
+        let procs: Vec<(String, u32)> = [
+            ("frontend", &stack.frontend),
+            ("relay", &stack.relay),
+            ("agent", &stack.agent),
+            ("backend", &stack.backend),
+        ]
+        .iter()
+        .filter_map(|(n, p)| p.pid().map(|pid| (n.to_string(), pid)))
+        .collect();
+        paths.push(Path::new(t, stack.entry(), procs));
+        stacks.push(stack);
+    }
+    for round in 1..=o.rounds {
+        for p in &mut paths {
+            eprintln!(
+                "round {round} of {}: bulk transfers over {} ...",
+                o.rounds, p.name
+            );
+            p.bulk_round(o).await;
+        }
+    }
+    let mut results = serde_json::Map::new();
+    for p in &paths {
+        results.insert(p.name.clone(), p.finish(o).await);
+    }
+    drop(stacks);
+    for mut p in chain {
+        p.kill().await;
+    }
+    let mut idle = Vec::new();
+    for n in &o.idle {
+        idle.push(idle_memory(target, *n, o).await);
+    }
+    (results, idle)
+}
+
+fn print_wan(wan: &[Value], conns: u64) {
+    for w in wan {
+        let plain = &w["paths"]["tcp"];
+        let f = |p: &Value, k: &str| p[k].as_f64().unwrap_or(0.0);
+        println!(
+            "
+WAN {} between agent and relay: Mbit/s (share of plain TCP over the same path)",
+            w["profile"].as_str().unwrap_or("?")
+        );
+        println!(
+            "{:<19} | {:>13} | {:>13} | {:>13} | {:>13} | {:>8} | {:>8} | {:>9}",
+            "path",
+            "up, 1",
+            "down, 1",
+            format!("up, {conns}"),
+            format!("down, {conns}"),
+            "rtt p50",
+            "rtt p99",
+            "setup p50"
+        );
+        for (name, p) in w["paths"].as_object().into_iter().flatten() {
+            let cell = |k: &str| format!("{:.0} ({:.2})", f(p, k), f(p, k) / f(plain, k).max(1e-9));
+            println!(
+                "{:<19} | {:>13} | {:>13} | {:>13} | {:>13} | {:>8.1} | {:>8.1} | {:>9.1}",
+                name,
+                cell("upload_1_mbit"),
+                cell("download_1_mbit"),
+                cell("upload_n_mbit"),
+                cell("download_n_mbit"),
+                f(p, "rtt_p50_ms"),
+                f(p, "rtt_p99_ms"),
+                f(p, "setup_p50_ms")
+            );
+        }
+    }
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -790,6 +987,17 @@ async fn main() {
             })
             .collect(),
         transports: list("--transports", "websocket,http2,longpoll"),
+        wan: list("--wan", "20:500,50:200,100:100,300:20")
+            .iter()
+            .filter(|v| *v != "none")
+            .map(|v| {
+                WanProfile::parse(v).unwrap_or_else(|| {
+                    eprintln!("backhaul-bench: --wan {v:?} is not RTT_MS:MBIT");
+                    std::process::exit(64)
+                })
+            })
+            .collect(),
+        wan_secs: parse(&args, "--wan-secs", 3.0f64).max(0.1),
         env: vec![
             (s("RUST_LOG"), s("warn")),
             (s("BACKHAUL_THREADS"), s(parse(&args, "--threads", 0usize))),
@@ -798,69 +1006,13 @@ async fn main() {
 
     let mut service = Program::listening("backhaul-bench", &[s("--serve")], &[]).await;
     let target = service.addr();
-    // Every path stays up for the whole run and the rounds take them in turn, so that a change
-    // in the machine's speed during the run (common on shared VMs) touches all of them alike.
-    let mut paths = vec![Path::new("direct", target, Vec::new())];
-    let mut chain: Vec<Program> = Vec::new();
-    let mut next = target;
-    for _ in 0..FORWARDERS {
-        let p = Program::listening("backhaul-bench", &[s("--forward"), s(next)], &[]).await;
-        next = p.addr();
-        chain.push(p);
-    }
-    paths.push(Path::new(
-        "tcp-chain",
-        next,
-        chain
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.pid().map(|pid| (format!("fwd{}", i + 1), pid)))
-            .collect(),
-    ));
-    let mut stacks = Vec::new();
-    for t in &o.transports {
-        let stack = Stack::start_with_env(
-            StackOptions {
-                target: Some(target),
-                agent_args: vec![s("--transport"), t.clone()],
-                ..Default::default()
-            },
-            &o.env,
-        )
-        .await;
-        let procs: Vec<(String, u32)> = [
-            ("frontend", &stack.frontend),
-            ("relay", &stack.relay),
-            ("agent", &stack.agent),
-            ("backend", &stack.backend),
-        ]
-        .iter()
-        .filter_map(|(n, p)| p.pid().map(|pid| (n.to_string(), pid)))
-        .collect();
-        paths.push(Path::new(t, stack.entry(), procs));
-        stacks.push(stack);
-    }
-    for round in 1..=o.rounds {
-        for p in &mut paths {
-            eprintln!(
-                "round {round} of {}: bulk transfers over {} ...",
-                o.rounds, p.name
-            );
-            p.bulk_round(&o).await;
-        }
-    }
-    let mut results = serde_json::Map::new();
-    for p in &paths {
-        results.insert(p.name.clone(), p.finish(&o).await);
-    }
-    drop(stacks);
-    for mut p in chain {
-        p.kill().await;
-    }
-    let mut idle = Vec::new();
-    for n in &o.idle {
-        idle.push(idle_memory(target, *n, &o).await);
-    }
+    let wan_only = args.iter().any(|a| a == "--wan-only");
+    let (results, idle) = if wan_only {
+        (serde_json::Map::new(), Vec::new())
+    } else {
+        loopback(target, &o).await
+    };
+    let wan = wan_profiles(target, &o).await;
     let result = json!({
         "command": args.join(" "),
         "date": std::process::Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%MZ").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
@@ -868,8 +1020,12 @@ async fn main() {
         "options": {"gib": gib, "rounds": o.rounds, "conns": o.conns, "rtts": o.rtts, "setups": o.setups, "threads": o.env[1].1},
         "paths": results,
         "idle": idle,
+        "wan": wan,
     });
-    print_tables(&result);
+    if !wan_only {
+        print_tables(&result);
+    }
+    print_wan(&wan, o.conns as u64);
     if let Some(p) = arg(&args, "--json") {
         let text = serde_json::to_string_pretty(&result).expect("JSON");
         std::fs::write(&p, text + "\n").expect("write JSON");
