@@ -50,6 +50,9 @@ pub struct Config {
     /// TLS settings for an https:// relay and a wss:// backend.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub max_sessions: usize,
+    /// Bytes of window growth all sessions together may be granted (see
+    /// `backhaul_common::window`); how far one session's window grows is the relay's word.
+    pub window_budget: Arc<backhaul_common::window::Budget>,
     pub connect_timeout: Duration,
     /// Which transport(s) to use towards the relay.
     pub transport: transport::TransportChoice,
@@ -207,6 +210,7 @@ mod tests {
             report_backend_errors: false,
             tls: None,
             max_sessions: 1,
+            window_budget: backhaul_common::window::Budget::new(0),
             connect_timeout: Duration::from_secs(1),
             transport: transport::TransportChoice::Auto,
         }

@@ -770,7 +770,12 @@ impl Link {
                 return;
             }
         };
-        let (handle, peer) = new_session(id, self.info.window);
+        let windows = backhaul_common::window::WindowConfig {
+            initial: self.info.window,
+            max: self.info.max_window.max(self.info.window),
+            budget: self.cfg.window_budget.clone(),
+        };
+        let (handle, peer) = new_session(id, &windows);
         {
             let mut sessions = lock(&self.sessions);
             if sessions.len() >= self.cfg.max_sessions {

@@ -51,6 +51,10 @@ struct Args {
     /// Most sessions served at once.
     #[arg(long, env = "BACKHAUL_MAX_SESSIONS", default_value_t = 20000)]
     max_sessions: usize,
+    /// Window growth all sessions together may be granted, in MiB (how far one session's
+    /// window grows is the relay's --max-window-kib).
+    #[arg(long, env = "BACKHAUL_WINDOW_BUDGET_MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    window_budget_mib: u64,
     /// How long to wait for the backend to accept a session's WebSocket.
     #[arg(long, env = "BACKHAUL_CONNECT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     connect_timeout_secs: u64,
@@ -128,6 +132,9 @@ async fn serve(args: Args) {
         report_backend_errors: args.report_backend_errors,
         tls,
         max_sessions: args.max_sessions,
+        window_budget: backhaul_common::window::Budget::new(
+            (args.window_budget_mib as usize) << 20,
+        ),
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         transport: args.transport,
     };

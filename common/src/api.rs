@@ -73,6 +73,10 @@ pub struct LinkInfo {
     pub poll_hold_ms: u64,
     /// Initial per-session flow-control window, in bytes of DATA, for both directions.
     pub window: u32,
+    /// How far a session's window may grow, each way, while its sender is held back by it
+    /// (see `window.rs`). 0: not said (a relay older than this field): windows stay fixed.
+    #[serde(default)]
+    pub max_window: u32,
     /// Largest batch body either side should send, in bytes (one frame may exceed it).
     pub max_batch_bytes: u32,
     /// How long the relay keeps a link whose agent has no request open; the agent gives up on

@@ -5,6 +5,7 @@
 //! | [`wire`]    | the agent link's binary frames and batches: encode/decode, no IO               |
 //! | [`reliable`]| per-direction sequence numbers, acknowledgements and the retransmit buffer     |
 //! | [`session`] | one session between a WebSocket and the link, with per-session flow control |
+//! | [`window`]  | flow-control windows that grow to the path's bandwidth-delay product, within a budget |
 //! | [`ws`]      | a session's WebSocket at the level of frames, as a tunnel must carry it: IO-free decoder, thin reader/writer |
 //! | [`api`]     | the agent API's paths, hello messages and backend-id rules                     |
 //! | [`bridge`]  | one TCP connection <-> one WebSocket, with the half-close convention          |
@@ -32,6 +33,7 @@ pub mod session;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+pub mod window;
 pub mod wire;
 pub mod ws;
 

@@ -8,9 +8,11 @@
 //! has written the frame to its WebSocket. So a slow reader stops its writer at the other end of
 //! the stack, a flood of pings or empty messages is bounded like data, and no buffer anywhere
 //! grows past the window. Messages are carried in pieces as they arrive and written out as
-//! WebSocket fragments, so no message is ever held whole, whatever its size.
+//! WebSocket fragments, so no message is ever held whole, whatever its size. Windows start
+//! small and grow to fit the path while a session needs it ([`crate::window`]).
 
-use crate::wire::{Frame, Kind, MAX_CHUNK};
+use crate::window::{ReceiveWindow, WindowConfig};
+use crate::wire::{Frame, Kind, FLAG_BLOCKED, MAX_CHUNK};
 use crate::ws::{Event, Role, WsReader, WsWriter};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -32,7 +34,7 @@ pub trait FrameSink: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SessionViolation {
     #[error("peer sent {queued} bytes of DATA against a window of {window}")]
-    WindowExceeded { queued: usize, window: u32 },
+    WindowExceeded { queued: usize, window: usize },
     #[error("peer granted {credit} bytes of window, more than it could have consumed")]
     CreditOverflow { credit: u32 },
     #[error("malformed {0:?} frame")]
@@ -45,7 +47,10 @@ pub struct SessionHandle {
     tx: mpsc::UnboundedSender<Frame>,
     credits: Arc<Semaphore>,
     queued: Arc<AtomicUsize>,
-    window: u32,
+    /// Our receive window's current size (it grows; see [`crate::window`]).
+    window: Arc<AtomicUsize>,
+    /// The most credit the peer can have granted us: its windows grow to this at most.
+    max_credit: usize,
     /// Told about the session's first OPENED or CLOSE, for a side that waits for the far end
     /// to accept before it answers its own client (the relay, when subprotocols are offered).
     accepted: std::sync::Mutex<Option<oneshot::Sender<Frame>>>,
@@ -58,22 +63,26 @@ pub struct SessionPeer {
     rx: mpsc::UnboundedReceiver<Frame>,
     credits: Arc<Semaphore>,
     queued: Arc<AtomicUsize>,
-    window: u32,
+    window: ReceiveWindow,
+    initial: u32,
 }
 
-/// Creates the two sides of session `id` with `window` bytes of flow-control window each way.
-pub fn new_session(id: u32, window: u32) -> (SessionHandle, SessionPeer) {
+/// Creates the two sides of session `id`, with windows each way sized by `windows` (both ends
+/// of a link use the same configuration: the relay's, announced in its link info).
+pub fn new_session(id: u32, windows: &WindowConfig) -> (SessionHandle, SessionPeer) {
     // Unbounded in type only: DATA is bounded by the window (checked in `deliver`), and the
     // control frames a well-behaved peer sends are bounded by the DATA they answer.
     let (tx, rx) = mpsc::unbounded_channel();
-    let credits = Arc::new(Semaphore::new(window as usize));
+    let credits = Arc::new(Semaphore::new(windows.initial as usize));
     let queued = Arc::new(AtomicUsize::new(0));
+    let window = ReceiveWindow::new(windows);
     (
         SessionHandle {
             tx,
             credits: credits.clone(),
             queued: queued.clone(),
-            window,
+            window: window.shared(),
+            max_credit: windows.max.max(windows.initial) as usize,
             accepted: std::sync::Mutex::new(None),
         },
         SessionPeer {
@@ -82,6 +91,7 @@ pub fn new_session(id: u32, window: u32) -> (SessionHandle, SessionPeer) {
             credits,
             queued,
             window,
+            initial: windows.initial,
         },
     )
 }
@@ -105,7 +115,7 @@ impl SessionHandle {
                 let credit = frame
                     .window_credit()
                     .map_err(|_| SessionViolation::Malformed(Kind::Window))?;
-                if self.credits.available_permits() + credit as usize > self.window as usize {
+                if self.credits.available_permits() + credit as usize > self.max_credit {
                     return Err(SessionViolation::CreditOverflow { credit });
                 }
                 self.credits.add_permits(credit as usize);
@@ -114,11 +124,9 @@ impl SessionHandle {
             Kind::Data | Kind::Ping | Kind::Pong => {
                 let cost = window_cost(&frame);
                 let queued = self.queued.fetch_add(cost, Ordering::AcqRel) + cost;
-                if queued > self.window as usize {
-                    return Err(SessionViolation::WindowExceeded {
-                        queued,
-                        window: self.window,
-                    });
+                let window = self.window.load(Ordering::Acquire);
+                if queued > window {
+                    return Err(SessionViolation::WindowExceeded { queued, window });
                 }
                 let _ = self.tx.send(frame);
                 Ok(())
@@ -281,7 +289,8 @@ where
         mut rx,
         credits,
         queued,
-        window,
+        mut window,
+        initial,
     } = peer;
     let (r, w) = tokio::io::split(io);
     let mut ws_rx = WsReader::new(r, side.role, side.max_message);
@@ -289,7 +298,7 @@ where
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
     // A piece and its frame cost never exceed the window, or its credit could never be granted.
-    let max_piece = MAX_CHUNK.min(window as usize - FRAME_COST);
+    let max_piece = MAX_CHUNK.min(initial as usize - FRAME_COST);
 
     let spend = |cost: usize| {
         let credits = &credits;
@@ -344,13 +353,18 @@ where
             if !spend(window_cost(&frame)).await {
                 return ReadEnd::Terminated;
             }
+            // Too little credit left for another full piece: say so, so that a receiver that
+            // keeps up can grow the window (see crate::window).
+            let mut frame = frame;
+            if credits.available_permits() < max_piece + FRAME_COST {
+                frame.flags |= FLAG_BLOCKED;
+            }
             sink.send(frame);
         }
     };
 
     let writer = async {
         let mut consumed = 0usize;
-        let grant_at = (window as usize / 4).max(1);
         loop {
             let Some(frame) = rx.recv().await else {
                 return WriteEnd::LinkGone;
@@ -388,9 +402,17 @@ where
                 sink.send(Frame::abort(id, "connection lost"));
                 return WriteEnd::Lost(e.to_string());
             }
-            // Credit goes back once the bytes are written, so a slow reader slows its writer.
-            if consumed >= grant_at {
-                sink.send(Frame::window(id, consumed as u32));
+            // Credit goes back once the bytes are written, so a slow reader slows its writer. A
+            // sender that is waiting for it while we have written everything it sent gets it at
+            // once, with the window grown: the path, not our reader, is what holds it back.
+            let mut grant = 0;
+            if frame.is_blocked() && queued.load(Ordering::Acquire) == 0 {
+                grant = consumed + window.grow();
+            } else if consumed >= (window.current() / 4).max(1) {
+                grant = consumed;
+            }
+            if grant > 0 {
+                sink.send(Frame::window(id, grant as u32));
                 consumed = 0;
             }
         }
@@ -501,6 +523,18 @@ mod tests {
         tokio::task::JoinHandle<Summary>,
         WebSocketStream<tokio::io::DuplexStream>,
     ) {
+        started_with(&WindowConfig::fixed(window), max_message).await
+    }
+
+    async fn started_with(
+        windows: &WindowConfig,
+        max_message: u64,
+    ) -> (
+        SessionHandle,
+        Arc<Collect>,
+        tokio::task::JoinHandle<Summary>,
+        WebSocketStream<tokio::io::DuplexStream>,
+    ) {
         let (a, b) = tokio::io::duplex(1 << 20);
         let client = WebSocketStream::from_raw_socket(
             b,
@@ -508,7 +542,7 @@ mod tests {
             None,
         )
         .await;
-        let (handle, peer) = new_session(5, window);
+        let (handle, peer) = new_session(5, windows);
         let sink = Arc::new(Collect::default());
         let side = WsSide {
             role: Role::Server,
@@ -684,8 +718,68 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_window_limited_sender_gets_its_window_grown_when_the_receiver_keeps_up() {
+        let budget = crate::window::Budget::new(1 << 20);
+        let windows = WindowConfig {
+            initial: 1000,
+            max: 4000,
+            budget: budget.clone(),
+        };
+        let (handle, sink, _task, mut client) = started_with(&windows, 1 << 20).await;
+        let piece = || Bytes::from(vec![7u8; 1000 - FRAME_COST]);
+        let credit = |sink: &Collect| -> Vec<u32> {
+            sink.kinds(Kind::Window)
+                .iter()
+                .map(|f| f.window_credit().unwrap())
+                .collect()
+        };
+        // Not window-limited: credit comes back as usual, the window stays.
+        handle
+            .deliver(Frame::data(5, false, true, piece()))
+            .unwrap();
+        client.next().await.unwrap().unwrap();
+        until(|| !credit(&sink).is_empty()).await;
+        assert_eq!(credit(&sink), vec![1000]);
+        // Window-limited, and everything written: the credit comes with as much again.
+        let mut blocked = Frame::data(5, false, true, piece());
+        blocked.flags |= FLAG_BLOCKED;
+        handle.deliver(blocked.clone()).unwrap();
+        client.next().await.unwrap().unwrap();
+        until(|| credit(&sink).len() == 2).await;
+        assert_eq!(credit(&sink), vec![1000, 2000]);
+        assert_eq!(budget.used(), 1000);
+        // The grown window lets twice as much in, and not more.
+        handle
+            .deliver(Frame::data(5, false, false, piece()))
+            .unwrap();
+        handle
+            .deliver(Frame::data(5, false, false, piece()))
+            .unwrap();
+        assert!(matches!(
+            handle.deliver(Frame::data(5, false, true, Bytes::from_static(b"x"))),
+            Err(SessionViolation::WindowExceeded { window: 2000, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_sender_marks_the_frame_that_leaves_it_without_credit() {
+        let (_handle, sink, _task, mut client) = started(1000, 1 << 20).await;
+        client
+            .send(Message::Binary(Bytes::from(vec![1u8; 3000])))
+            .await
+            .unwrap();
+        until(|| !sink.kinds(Kind::Data).is_empty()).await;
+        let first = &sink.kinds(Kind::Data)[0];
+        assert_eq!(first.payload.len(), 1000 - FRAME_COST);
+        assert!(
+            first.is_blocked(),
+            "the piece that used up the window says so"
+        );
+    }
+
+    #[tokio::test]
     async fn a_peer_overrunning_the_window_with_data_or_pings_is_refused() {
-        let (handle, _peer) = new_session(1, 100);
+        let (handle, _peer) = new_session(1, &WindowConfig::fixed(100));
         let fill = Bytes::from(vec![0u8; 100 - FRAME_COST]);
         handle.deliver(Frame::data(1, false, true, fill)).unwrap();
         assert!(matches!(
@@ -693,7 +787,7 @@ mod tests {
             Err(SessionViolation::WindowExceeded { .. })
         ));
         // Empty pings cost window too: a flood of them is refused like data.
-        let (handle, _peer) = new_session(1, 1000);
+        let (handle, _peer) = new_session(1, &WindowConfig::fixed(1000));
         let ping = || Frame::new(Kind::Ping, 0, 1, Bytes::new());
         for _ in 0..1000 / FRAME_COST {
             handle.deliver(ping()).unwrap();

@@ -29,6 +29,10 @@ pub const MAX_FRAME_PAYLOAD: usize = MAX_CHUNK;
 pub const FLAG_TEXT: u8 = 0b01;
 /// DATA flag: this chunk ends the message.
 pub const FLAG_FIN: u8 = 0b10;
+/// On a DATA, PING or PONG frame: its sender has too little window left for another full piece
+/// (it is window-limited). A receiver that has written out everything may grow the window.
+/// Peers that do not know it ignore it.
+pub const FLAG_BLOCKED: u8 = 0b100;
 /// CLOSE flag: the session ended abnormally; drop the WebSocket without a close handshake.
 pub const FLAG_ABORT: u8 = 0b01;
 
@@ -134,6 +138,11 @@ impl Frame {
 
     pub fn is_fin(&self) -> bool {
         self.flags & FLAG_FIN != 0
+    }
+
+    /// Whether the sender was window-limited after this frame (see [`FLAG_BLOCKED`]).
+    pub fn is_blocked(&self) -> bool {
+        matches!(self.kind, Kind::Data | Kind::Ping | Kind::Pong) && self.flags & FLAG_BLOCKED != 0
     }
 
     pub fn is_abort(&self) -> bool {

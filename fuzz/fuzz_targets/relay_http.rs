@@ -66,6 +66,8 @@ fn relay() -> &'static Relay {
                 agent_timeout: Duration::from_secs(1),
                 open_timeout: Duration::from_secs(1),
                 window: 64 * 1024,
+                max_window: 1 << 20,
+                window_budget: 16 << 20,
                 max_batch_bytes: 64 * 1024,
                 max_sessions: 1000,
                 max_sessions_per_backend: 1000,

@@ -9,6 +9,7 @@ use backhaul_common::api::{LinkInfo, OpenRequest};
 use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor, StreamNext};
 use backhaul_common::secret::SecretHash;
 use backhaul_common::session::{new_session, FrameSink, SessionHandle, SessionPeer};
+use backhaul_common::window::{Budget, WindowConfig};
 use backhaul_common::wire::{BatchHeader, BatchReader, Frame, Kind};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -28,7 +29,12 @@ pub struct HubConfig {
     pub poll_hold: Duration,
     pub agent_timeout: Duration,
     pub open_timeout: Duration,
+    /// Every session's window, each way, when it starts.
     pub window: u32,
+    /// How far a session's window may grow while its sender is held back by it.
+    pub max_window: u32,
+    /// Bytes of window growth all sessions together may be granted.
+    pub window_budget: usize,
     pub max_batch_bytes: usize,
     pub max_sessions: usize,
     /// Sessions one backend may hold at once, unless its credentials say otherwise.
@@ -68,6 +74,8 @@ pub struct Hub {
     next_session: AtomicU32,
     /// Set by [`Hub::shutdown`]: dying links' sessions are closed, not re-queued.
     shutting_down: AtomicBool,
+    /// Sessions' windows: their size, how far they grow, the relay-wide growth budget.
+    windows: WindowConfig,
 }
 
 #[derive(Default)]
@@ -289,10 +297,15 @@ impl Drop for InFlight {
 impl Hub {
     pub fn new(cfg: HubConfig) -> Self {
         Self {
-            cfg,
+            cfg: cfg.clone(),
             inner: Mutex::new(HubInner::default()),
             next_session: AtomicU32::new(1),
             shutting_down: AtomicBool::new(false),
+            windows: WindowConfig {
+                initial: cfg.window,
+                max: cfg.max_window.max(cfg.window),
+                budget: Budget::new(cfg.window_budget),
+            },
         }
     }
 
@@ -301,6 +314,7 @@ impl Hub {
             link: link.to_string(),
             poll_hold_ms: self.cfg.poll_hold.as_millis() as u64,
             window: self.cfg.window,
+            max_window: self.cfg.max_window.max(self.cfg.window),
             max_batch_bytes: self.cfg.max_batch_bytes as u32,
             agent_timeout_ms: self.cfg.agent_timeout.as_millis() as u64,
         }
@@ -412,7 +426,7 @@ impl Hub {
                 break id;
             }
         };
-        let (handle, peer) = new_session(id, self.cfg.window);
+        let (handle, peer) = new_session(id, &self.windows);
         let session = Arc::new(RelaySession {
             id,
             backend: backend.to_string(),
@@ -751,6 +765,8 @@ mod tests {
             agent_timeout: Duration::from_secs(1),
             open_timeout: Duration::from_secs(1),
             window: 64 * 1024,
+            max_window: 64 * 1024,
+            window_budget: 0,
             max_batch_bytes: 64 * 1024,
             max_sessions: 4,
             max_sessions_per_backend: 3,

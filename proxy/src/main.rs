@@ -53,12 +53,22 @@ struct Args {
     /// How long a new session waits for an agent to take it.
     #[arg(long, env = "BACKHAUL_OPEN_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     open_timeout_secs: u64,
-    /// Per-session flow-control window in KiB, each direction.
+    /// Per-session flow-control window in KiB, each direction, when a session starts (what an
+    /// idle session costs).
     #[arg(long, env = "BACKHAUL_WINDOW_KIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=65536))]
     window_kib: u32,
     /// Largest batch the relay sends in one poll response, in KiB.
     #[arg(long, env = "BACKHAUL_MAX_BATCH_KIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=65536))]
     max_batch_kib: u32,
+    /// How far a session's window may grow, in KiB, while its sender is held back by it and
+    /// its receiver keeps up: the bandwidth-delay product of the longest, fastest path to serve
+    /// (the agent follows the relay's figure).
+    #[arg(long, env = "BACKHAUL_MAX_WINDOW_KIB", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(64..=1 << 20))]
+    max_window_kib: u32,
+    /// Window growth all sessions together may be granted, in MiB: with the initial windows,
+    /// the most session buffers can hold.
+    #[arg(long, env = "BACKHAUL_WINDOW_BUDGET_MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    window_budget_mib: u64,
     /// Largest WebSocket message a client may send, in KiB; a larger one closes the session
     /// with code 1009 ("message too big") and says the limit.
     #[arg(long, env = "BACKHAUL_MAX_MESSAGE_KIB", default_value_t = backhaul_common::DEFAULT_MAX_MESSAGE_KIB, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
@@ -176,6 +186,8 @@ async fn serve(args: Args) {
             agent_timeout: Duration::from_secs(args.agent_timeout_secs),
             open_timeout: Duration::from_secs(args.open_timeout_secs),
             window: args.window_kib * 1024,
+            max_window: args.max_window_kib.max(args.window_kib) * 1024,
+            window_budget: (args.window_budget_mib as usize) << 20,
             max_batch_bytes: args.max_batch_kib as usize * 1024,
             max_sessions: args.max_sessions as usize,
             max_sessions_per_backend: args.max_sessions_per_backend as usize,
