@@ -514,27 +514,19 @@ mod tests {
 
     /// A pump on the server side of a WebSocket, with tungstenite (an independent
     /// implementation) as its client.
-    async fn started(
-        window: u32,
-        max_message: u64,
-    ) -> (
+    /// A running pump: the link's handle, what it sent, its task, and its WebSocket client.
+    type Started = (
         SessionHandle,
         Arc<Collect>,
         tokio::task::JoinHandle<Summary>,
         WebSocketStream<tokio::io::DuplexStream>,
-    ) {
+    );
+
+    async fn started(window: u32, max_message: u64) -> Started {
         started_with(&WindowConfig::fixed(window), max_message).await
     }
 
-    async fn started_with(
-        windows: &WindowConfig,
-        max_message: u64,
-    ) -> (
-        SessionHandle,
-        Arc<Collect>,
-        tokio::task::JoinHandle<Summary>,
-        WebSocketStream<tokio::io::DuplexStream>,
-    ) {
+    async fn started_with(windows: &WindowConfig, max_message: u64) -> Started {
         let (a, b) = tokio::io::duplex(1 << 20);
         let client = WebSocketStream::from_raw_socket(
             b,
