@@ -1,16 +1,10 @@
 //! Which WebSocket handshakes the backend serves, decided before the upgrade and without IO:
-//! the agent's `--backend-secret` and the client's `Origin`. And how often refusals are logged,
-//! so that a flood of bad handshakes cannot flood the log.
+//! the agent's `--backend-secret` and the client's `Origin`.
 
 use backhaul_common::api::BACKEND_SECRET_HEADER;
 use backhaul_common::secret::SecretHash;
 use http::{header, HeaderMap, StatusCode};
-use std::time::{Duration, Instant};
 
-/// Most refusals logged per [`REFUSAL_LOG_WINDOW`]; the others are counted, and the count is
-/// logged when the window ends.
-pub const REFUSAL_LOG_MAX: u32 = 10;
-pub const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
 /// Longest piece of a client's header repeated in a log line.
 const MAX_LOGGED_VALUE: usize = 200;
 
@@ -142,65 +136,6 @@ pub fn loggable(value: &[u8]) -> String {
     format!("{clipped:?}{more}")
 }
 
-/// What to do with one refusal's log line.
-#[derive(Debug, PartialEq, Eq)]
-pub enum LogVerdict {
-    Log,
-    /// Count it. `first` when it is the first uncounted refusal since the last report: the
-    /// caller arranges for [`LogLimit::take_suppressed`] to be reported at `report_at`.
-    Suppress {
-        first: bool,
-        report_at: Instant,
-    },
-}
-
-/// At most `max` lines per `window`, counted from the first line of each window.
-#[derive(Debug)]
-pub struct LogLimit {
-    max: u32,
-    window: Duration,
-    window_start: Option<Instant>,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl LogLimit {
-    pub fn new(max: u32, window: Duration) -> Self {
-        Self {
-            max,
-            window,
-            window_start: None,
-            logged: 0,
-            suppressed: 0,
-        }
-    }
-
-    pub fn check(&mut self, now: Instant) -> LogVerdict {
-        let start = match self.window_start {
-            Some(s) if now.saturating_duration_since(s) < self.window => s,
-            _ => {
-                self.window_start = Some(now);
-                self.logged = 0;
-                now
-            }
-        };
-        if self.logged < self.max {
-            self.logged += 1;
-            return LogVerdict::Log;
-        }
-        self.suppressed += 1;
-        LogVerdict::Suppress {
-            first: self.suppressed == 1,
-            report_at: start + self.window,
-        }
-    }
-
-    /// The refusals not logged since the last call.
-    pub fn take_suppressed(&mut self) -> u64 {
-        std::mem::take(&mut self.suppressed)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,43 +249,5 @@ mod tests {
         assert_eq!(loggable(b"a\nb"), "\"a\\nb\"");
         let long = loggable("x".repeat(500).as_bytes());
         assert!(long.ends_with("\"...") && long.len() < 220, "{long}");
-    }
-
-    #[test]
-    fn refusals_are_logged_ten_per_window_and_the_rest_counted() {
-        let t0 = Instant::now();
-        let mut limit = LogLimit::new(3, Duration::from_secs(10));
-        for i in 0..3 {
-            assert_eq!(limit.check(t0 + Duration::from_millis(i)), LogVerdict::Log);
-        }
-        let end = t0 + Duration::from_secs(10);
-        assert_eq!(
-            limit.check(t0 + Duration::from_secs(1)),
-            LogVerdict::Suppress {
-                first: true,
-                report_at: end
-            }
-        );
-        assert_eq!(
-            limit.check(t0 + Duration::from_secs(2)),
-            LogVerdict::Suppress {
-                first: false,
-                report_at: end
-            }
-        );
-        assert_eq!(limit.take_suppressed(), 2);
-        assert_eq!(limit.take_suppressed(), 0);
-        // A new window logs again.
-        assert_eq!(limit.check(end), LogVerdict::Log);
-        // A count not yet reported when a window ends is kept for the report, not lost.
-        for _ in 0..2 {
-            limit.check(end);
-        }
-        assert!(matches!(
-            limit.check(end),
-            LogVerdict::Suppress { first: true, .. }
-        ));
-        assert_eq!(limit.check(end + Duration::from_secs(10)), LogVerdict::Log);
-        assert_eq!(limit.take_suppressed(), 1);
     }
 }

@@ -5,8 +5,9 @@
 
 pub mod admission;
 
-use admission::{LogLimit, LogVerdict, OriginPolicy, Refusal};
+use admission::{OriginPolicy, Refusal};
 use backhaul_common::bridge::{self, BridgeEnd, Wire};
+use backhaul_common::refusal_log::RefusalLog;
 use backhaul_common::secret::SecretHash;
 use backhaul_common::ws::{switching_protocols, websocket_key, Role, WsReader, WsWriter};
 use http::{Request, Response, StatusCode};
@@ -14,7 +15,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -44,7 +44,7 @@ pub struct Config {
 /// What the connections of one backend share.
 struct Shared {
     config: Config,
-    refusals: Mutex<LogLimit>,
+    refusals: Arc<RefusalLog>,
 }
 
 /// Serves WebSocket sessions on `listener` until `shutdown`.
@@ -56,10 +56,7 @@ pub async fn run(
     let limit = Arc::new(Semaphore::new(config.max_sessions));
     let shared = Arc::new(Shared {
         config,
-        refusals: Mutex::new(LogLimit::new(
-            admission::REFUSAL_LOG_MAX,
-            admission::REFUSAL_LOG_WINDOW,
-        )),
+        refusals: RefusalLog::new("refused WebSocket handshakes"),
     });
     let tracker = TaskTracker::new();
     loop {
@@ -104,50 +101,20 @@ fn refusal(status: StatusCode, msg: &str) -> Response<Body> {
     resp
 }
 
-/// Logs a refused handshake, at most [`admission::REFUSAL_LOG_MAX`] a window; the rest are
-/// counted, and the count is logged when the window ends.
+/// Logs a refused handshake (at a bounded rate: see [`RefusalLog`]).
 fn log_refusal(shared: &Arc<Shared>, peer: SocketAddr, req: &Request<Incoming>, why: &Refusal) {
-    let verdict = lock(&shared.refusals).check(std::time::Instant::now());
-    match verdict {
-        LogVerdict::Log => {
-            let forwarded = req
-                .headers()
-                .get("x-forwarded-for")
-                .map(|v| format!(" (for client {})", admission::loggable(v.as_bytes())))
-                .unwrap_or_default();
-            warn!(
-                "refused a WebSocket handshake from {peer}{forwarded} with {}: {}",
-                why.status(),
-                why.explain()
-            );
-        }
-        LogVerdict::Suppress { first: false, .. } => {}
-        LogVerdict::Suppress {
-            first: true,
-            report_at,
-        } => {
-            let shared = shared.clone();
-            // Not in the session's span: the count covers many connections.
-            tokio::spawn(
-                async move {
-                    tokio::time::sleep_until(report_at.into()).await;
-                    let n = lock(&shared.refusals).take_suppressed();
-                    if n > 0 {
-                        warn!(
-                            "{n} more refused WebSocket handshakes were not logged (at most {} are logged per {:?})",
-                            admission::REFUSAL_LOG_MAX,
-                            admission::REFUSAL_LOG_WINDOW
-                        );
-                    }
-                }
-                .instrument(tracing::Span::none()),
-            );
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    shared.refusals.log(|| {
+        let forwarded = req
+            .headers()
+            .get("x-forwarded-for")
+            .map(|v| format!(" (for client {})", admission::loggable(v.as_bytes())))
+            .unwrap_or_default();
+        format!(
+            "refused a WebSocket handshake from {peer}{forwarded} with {}: {}",
+            why.status(),
+            why.explain()
+        )
+    });
 }
 
 /// Serves one connection: a WebSocket handshake (refusing anything else), then the session.

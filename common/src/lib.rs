@@ -12,6 +12,7 @@
 //! | [`dial`]    | opening a WebSocket to a `ws://`/`wss://` URL, optionally via an HTTP proxy   |
 //! | [`listen`]  | accepting TCP connections, with back-off when accept fails                   |
 //! | [`secret`]  | tokens from flags or files, never empty, never printed; their SHA-256       |
+//! | [`refusal_log`] | WARN lines for refusals at a bounded rate, the rest counted            |
 //! | [`tls`]     | loading certificates and keys into rustls configurations                      |
 //! | [`backoff`] | jittered exponential backoff for reconnect loops                              |
 //! | [`telemetry`] | tracing set-up, the stdout "ready" lines, shutdown signals                   |
@@ -26,6 +27,7 @@ pub mod bridge;
 pub mod dial;
 pub mod lazy_read;
 pub mod listen;
+pub mod refusal_log;
 pub mod reliable;
 pub mod runtime;
 pub mod secret;

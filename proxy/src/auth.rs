@@ -13,13 +13,13 @@
 //! the secrets of a credentials file.
 
 use backhaul_common::api;
+use backhaul_common::refusal_log::RefusalLog;
 use backhaul_common::secret::{Secret, SecretHash};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
 
 /// The credentials in force.
 #[derive(Debug)]
@@ -275,14 +275,14 @@ pub fn parse(text: &str) -> Result<HashMap<String, BackendCredentials>, String> 
 /// The policy in force, swapped whole on reload.
 pub struct Auth {
     policy: RwLock<Arc<Policy>>,
-    refusals: RateLimitedLog,
+    refusals: Arc<RefusalLog>,
 }
 
 impl Auth {
     pub fn new(policy: Policy) -> Self {
         Self {
             policy: RwLock::new(Arc::new(policy)),
-            refusals: RateLimitedLog::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PERIOD),
+            refusals: RefusalLog::new("refusals of agents, clients and connections"),
         }
     }
 
@@ -305,54 +305,9 @@ impl Auth {
         Ok(Some(new))
     }
 
-    /// Logs a refusal at WARN, at most [`REFUSAL_LOG_BURST`] lines per [`REFUSAL_LOG_PERIOD`]
-    /// (a flood of forged requests must not become a flood of log lines).
+    /// Logs a refusal at WARN, at a bounded rate (see [`RefusalLog`]).
     pub fn log_refusal(&self, line: impl FnOnce() -> String) {
         self.refusals.log(line);
-    }
-}
-
-/// Refusal log lines allowed per period before the rest are counted instead.
-pub const REFUSAL_LOG_BURST: u32 = 10;
-pub const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
-
-/// WARN lines at a bounded rate; what is held back is counted and reported with the next line.
-pub struct RateLimitedLog {
-    burst: u32,
-    period: Duration,
-    state: Mutex<(Instant, u32, u64)>,
-}
-
-impl RateLimitedLog {
-    pub fn new(burst: u32, period: Duration) -> Self {
-        Self {
-            burst,
-            period,
-            state: Mutex::new((Instant::now(), 0, 0)),
-        }
-    }
-
-    pub fn log(&self, line: impl FnOnce() -> String) {
-        let suppressed = {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let (start, count, suppressed) = &mut *st;
-            if start.elapsed() >= self.period {
-                *start = Instant::now();
-                *count = 0;
-            }
-            if *count >= self.burst {
-                *suppressed += 1;
-                return;
-            }
-            *count += 1;
-            std::mem::take(suppressed)
-        };
-        let line = line();
-        if suppressed > 0 {
-            tracing::warn!("{line} (and {suppressed} similar lines suppressed)");
-        } else {
-            tracing::warn!("{line}");
-        }
     }
 }
 
@@ -475,19 +430,5 @@ max_sessions = 5
         let b = parse(include_str!("../../dist/credentials.toml")).unwrap();
         assert_eq!(b["intranet"].max_sessions, Some(500));
         assert_eq!(b["status-page"].clients, Clients::Public);
-    }
-
-    #[test]
-    fn refusal_logs_are_rate_limited() {
-        let log = RateLimitedLog::new(2, Duration::from_secs(3600));
-        let mut made = 0;
-        for _ in 0..5 {
-            log.log(|| {
-                made += 1;
-                "x".into()
-            });
-        }
-        assert_eq!(made, 2);
-        assert_eq!(log.state.lock().unwrap().2, 3);
     }
 }
