@@ -76,10 +76,6 @@ impl Budget {
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
-
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
 }
 
 /// One direction's receive window as its receiver holds it. The current size is shared with the

@@ -111,7 +111,7 @@ pub async fn handle(
                 ctx.auth.log_refusal(|| {
                     format!("refused a session to backend '{backend}' from {peer}: {why}")
                 });
-                unauthorized(why, "client")
+                unauthorized(why, Party::Client)
             }
         }
     } else if path == LINKS_PATH || path.starts_with(&format!("{LINKS_PATH}/")) {
@@ -128,12 +128,19 @@ pub async fn handle(
 }
 
 /// The 401 for a refused agent or client. It does not say whether the backend ID exists.
-fn unauthorized(why: Refusal, role: &str) -> Response<Body> {
-    let msg = match (why, role) {
-        (Refusal::Missing, "agent") => "this relay requires an agent credential: give the agent its backend's secret (--agent-token or --agent-token-file)",
-        (_, "agent") => "the agent's credential is not valid for this backend ID; check --agent-token and --backend-id against the relay's credentials",
-        (Refusal::Missing, _) => "this relay requires a client credential: give the frontend --client-token or --client-token-file",
-        _ => "the client credential is not valid for this backend ID; check --client-token and the backend ID",
+/// Who was refused.
+#[derive(Clone, Copy)]
+enum Party {
+    Agent,
+    Client,
+}
+
+fn unauthorized(why: Refusal, party: Party) -> Response<Body> {
+    let msg = match (why, party) {
+        (Refusal::Missing, Party::Agent) => "this relay requires an agent credential: give the agent its backend's secret (--agent-token or --agent-token-file)",
+        (_, Party::Agent) => "the agent's credential is not valid for this backend ID; check --agent-token and --backend-id against the relay's credentials",
+        (Refusal::Missing, Party::Client) => "this relay requires a client credential: give the frontend --client-token or --client-token-file",
+        (_, Party::Client) => "the client credential is not valid for this backend ID; check --client-token and the backend ID",
     };
     let mut resp = text(StatusCode::UNAUTHORIZED, msg);
     resp.headers_mut()
@@ -211,7 +218,7 @@ async fn agent_api(
                             hello.backend_id
                         )
                     });
-                    return unauthorized(why, "agent");
+                    return unauthorized(why, Party::Agent);
                 }
             };
             let link = hub.register(&hello.backend_id, &hello.agent, peer, credential);

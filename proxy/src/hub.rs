@@ -296,16 +296,17 @@ impl Drop for InFlight {
 
 impl Hub {
     pub fn new(cfg: HubConfig) -> Self {
+        let windows = WindowConfig {
+            initial: cfg.window,
+            max: cfg.max_window.max(cfg.window),
+            budget: Budget::new(cfg.window_budget),
+        };
         Self {
-            cfg: cfg.clone(),
+            cfg,
             inner: Mutex::new(HubInner::default()),
             next_session: AtomicU32::new(1),
             shutting_down: AtomicBool::new(false),
-            windows: WindowConfig {
-                initial: cfg.window,
-                max: cfg.max_window.max(cfg.window),
-                budget: Budget::new(cfg.window_budget),
-            },
+            windows,
         }
     }
 
@@ -314,7 +315,7 @@ impl Hub {
             link: link.to_string(),
             poll_hold_ms: self.cfg.poll_hold.as_millis() as u64,
             window: self.cfg.window,
-            max_window: self.cfg.max_window.max(self.cfg.window),
+            max_window: self.windows.max,
             max_batch_bytes: self.cfg.max_batch_bytes as u32,
             agent_timeout_ms: self.cfg.agent_timeout.as_millis() as u64,
         }
