@@ -12,7 +12,7 @@ use backhaul_common::api::{LinkInfo, OpenRequest, Opened};
 use backhaul_common::api::{BACKEND_SECRET_HEADER, FORWARDED_HEADERS};
 use backhaul_common::backoff::Backoff;
 use backhaul_common::dial::{bearer_headers, dial, DialOptions, Dialed};
-use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor};
+use backhaul_common::reliable::{Arrival, RecvState, Reorder, SendBuffer, StreamCursor};
 use backhaul_common::secret;
 use backhaul_common::session::{new_session, pump, FrameSink, SessionHandle, WsSide};
 use backhaul_common::transport::{
@@ -21,6 +21,7 @@ use backhaul_common::transport::{
 use backhaul_common::wire::{decode_batch, BatchHeader, BatchReader, Frame, Kind};
 use backhaul_common::ws::Role;
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,9 +36,19 @@ use tracing::{debug, info, warn, Instrument};
 const POLL_GRACE: Duration = Duration::from_secs(10);
 /// Longest a push may take.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The slowest a push body may cross, in bytes per second, before it is given up (1 Mbit/s;
+/// on slower paths, pushes shrink until they fit).
+const MIN_PUSH_RATE: usize = 128 * 1024;
 /// Retry delays for a poll or push that failed twice in a row (the first retry is immediate).
 const RETRY_INITIAL: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Polls held while the link is quiet, and at most while the relay fills them; pushes in flight
+/// at most. Each is one HTTP exchange of its own, as strict proxies need.
+const QUIET_POLLS: usize = 2;
+const BUSY_POLLS: usize = 4;
+const MAX_PUSHES: usize = 4;
+/// Exchanges cut half-way in a row that are retried at once before backing off.
+const QUICK_CUTS: u32 = 16;
 /// Smallest push batch the agent shrinks to after failed pushes.
 const MIN_PUSH_BATCH: usize = 16 * 1024;
 /// Longest the relay may take to accept a stream.
@@ -85,6 +96,8 @@ pub struct Link {
     out_notify: Notify,
     /// The poll loop's receive position, sent as the ack in pushes too.
     down_ack: AtomicU64,
+    /// The latest round of polls (see `Link::polls`).
+    poll_round: AtomicU64,
     sessions: Mutex<HashMap<u32, Arc<SessionHandle>>>,
     /// Cancelled when the link is over (relay forgot it, or shutdown).
     done: CancellationToken,
@@ -130,6 +143,7 @@ impl Link {
             out: Mutex::new(SendBuffer::new()),
             out_notify: Notify::new(),
             down_ack: AtomicU64::new(0),
+            poll_round: AtomicU64::new(0),
             sessions: Mutex::new(HashMap::new()),
             done: shutdown.child_token(),
             carrier: Mutex::new(None),
@@ -317,6 +331,15 @@ impl Link {
     /// Longest a stream may take to be set up.
     fn setup_limit(&self) -> Duration {
         within_relay_patience(STREAM_SETUP_TIMEOUT, self.info.agent_timeout_ms)
+    }
+
+    /// How long a push of `len` bytes may take: the relay may hold it for its turn up to the
+    /// poll hold time, then its body must cross at no less than [`MIN_PUSH_RATE`]. A push that
+    /// stalls on a dead connection is given up after that, and sent again.
+    fn push_timeout(&self, len: usize) -> Duration {
+        let hold = Duration::from_millis(self.info.poll_hold_ms);
+        let transfer = Duration::from_secs_f64(len as f64 / MIN_PUSH_RATE as f64);
+        (hold + self.grace() + transfer).min(PUSH_TIMEOUT)
     }
 
     /// How long past the relay's hold time a poll's answer, or the relay's heartbeat on a
@@ -515,6 +538,22 @@ impl Link {
         Ok(())
     }
 
+    /// Like [`Link::take_frames`], for batches that may arrive out of order (long-poll).
+    fn take_frames_reordered(
+        self: &Arc<Self>,
+        reader: &mut BatchReader,
+        reorder: &Mutex<Reorder>,
+        tracker: &TaskTracker,
+    ) -> Result<(), String> {
+        while let Some((seq, frame)) = reader
+            .next_frame()
+            .map_err(|e| format!("relay sent a bad batch: {e}"))?
+        {
+            lock(reorder).arrive(seq, frame, |f| self.dispatch(f, tracker));
+        }
+        Ok(())
+    }
+
     /// Says on stdout (for people and scripts) and in the log which transport carries the link,
     /// when it changes; reconnections on the same transport are only logged at debug level.
     fn announce_transport(&self, transport: Transport, note: &str) {
@@ -541,49 +580,177 @@ impl Link {
         }
     }
 
+    /// Brings the relay's frames in over long-polls: [`QUIET_POLLS`] held while the link is
+    /// quiet (one answers as soon as the relay has something while the next is already
+    /// waiting), up to [`BUSY_POLLS`] while the relay fills them. The relay hands each poll
+    /// different frames, so answers may arrive out of order; [`Reorder`] puts them back.
     async fn poll_loop(self: &Arc<Self>, recv: &mut RecvState, tracker: &TaskTracker) -> Spell {
-        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
-        let hold = Duration::from_millis(self.info.poll_hold_ms);
         // One batch, which may exceed the batch size by a frame.
         let limit = backhaul_common::transport::max_message(self.info.max_batch_bytes as usize);
+        let reorder = Mutex::new(Reorder::new(*recv, BUSY_POLLS * limit));
+        let spell = self.polls(&reorder, limit, tracker).await;
+        *recv = reorder
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .into_recv();
+        spell
+    }
+
+    async fn polls(
+        self: &Arc<Self>,
+        reorder: &Mutex<Reorder>,
+        limit: usize,
+        tracker: &TaskTracker,
+    ) -> Spell {
+        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
+        let hold = Duration::from_millis(self.info.poll_hold_ms);
+        // Polls go in rounds (see the relay's `Hub::poll`): a new round makes the relay send
+        // again from our ack. One starts with each long-poll spell and after each lost poll.
+        let mut round = self.poll_round.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut busy = false;
+        let mut paused: Option<Instant> = None;
+        // Polls of this round in flight. Those of older rounds finish on their own (the relay
+        // answers them empty) and hold no place.
+        let mut live = 0;
+        // On a path that cuts connections, polls in flight would be cut together and their
+        // ranges sent again: after a loss one poll at a time, one more after each that got through.
+        let mut allowed = BUSY_POLLS;
+        // Since when frames wait past a hole, and how long polls that bring frames take
+        // (smoothed): a hole older than a few of those means the poll that carried its frames
+        // is stuck (a stalled connection), so a new round has them sent again at once rather
+        // than after that poll's timeout.
+        let mut hole_since: Option<Instant> = None;
+        let mut srtt: Option<Duration> = None;
+        // Polls cut before they brought anything, since the last that did: retried at once
+        // (a path that cuts connections), up to QUICK_CUTS.
+        let mut quick_cuts = 0;
+        let mut polls = FuturesUnordered::new();
         loop {
-            let url = format!("{}/poll?ack={}", self.url, recv.ack());
-            let req = self.request(self.client.get(url).timeout(hold + self.grace()));
-            let outcome = tokio::select! {
-                r = self.poll_once(req, recv, limit, tracker) => r,
+            let target = if busy { BUSY_POLLS } else { QUIET_POLLS }.min(allowed);
+            while paused.is_none() && live < target && polls.len() < 2 * BUSY_POLLS {
+                let ack = lock(reorder).ack();
+                let url = format!("{}/poll?ack={ack}&round={round}", self.url);
+                let req = self.request(self.client.get(url).timeout(hold + self.grace()));
+                let poll = self.poll_once(req, reorder, limit, tracker);
+                let sent_in = round;
+                let started = Instant::now();
+                polls.push(async move { (poll.await, sent_in, started) });
+                live += 1;
+            }
+            let rto = srtt.map_or(hold, |d| (d * 3 + Duration::from_millis(100)).min(hold));
+            let ((outcome, received), sent_in, started) = tokio::select! {
+                Some(r) = polls.next() => r,
+                _ = sleep_until_some(paused) => {
+                    paused = None;
+                    continue;
+                }
+                _ = sleep_until_some(hole_since.map(|t| t + rto)) => {
+                    let ack = lock(reorder).ack();
+                    debug!("frames waited past a hole for {rto:?}; asking the relay to send again from frame {ack}");
+                    round = self.poll_round.fetch_add(1, Ordering::AcqRel) + 1;
+                    live = 0;
+                    allowed = 1;
+                    hole_since = Some(Instant::now());
+                    continue;
+                }
                 _ = self.done.cancelled() => return Spell::Shutdown,
             };
-            self.down_ack.store(recv.ack(), Ordering::Release);
-            match outcome {
-                PollOutcome::Progress => backoff.reset(),
-                PollOutcome::LinkGone(why) => return Spell::LinkGone(why),
-                PollOutcome::Failed(why) => {
-                    if !self.pause_after_failure(&mut backoff, "poll", &why).await {
-                        return Spell::Shutdown;
-                    }
+            if received > backhaul_common::wire::BATCH_HEADER_LEN {
+                let took = started.elapsed();
+                srtt = Some(srtt.map_or(took, |s| (s * 7 + took) / 8));
+            }
+            let current = sent_in == round;
+            if current {
+                live -= 1;
+            }
+            let (ack, resend, hole) = {
+                let mut r = lock(reorder);
+                (r.ack(), r.take_resend(), r.has_hole())
+            };
+            self.down_ack.store(ack, Ordering::Release);
+            busy = received >= self.info.max_batch_bytes as usize / 2;
+            if !hole {
+                hole_since = None;
+            } else if hole_since.is_none() {
+                hole_since = Some(Instant::now());
+            }
+            let lost = match outcome {
+                PollOutcome::Progress => {
+                    backoff.reset();
+                    quick_cuts = 0;
+                    allowed = (allowed + 1).min(BUSY_POLLS);
+                    None
                 }
+                PollOutcome::LinkGone(why) => return Spell::LinkGone(why),
+                // Its whole frames were taken in; the rest must come again.
+                PollOutcome::Cut(why) => {
+                    backoff.reset();
+                    quick_cuts = 0;
+                    Some(why)
+                }
+                PollOutcome::CutEarly(why) => {
+                    if current {
+                        quick_cuts += 1;
+                        if quick_cuts > QUICK_CUTS {
+                            paused = self.pause_after(&mut backoff, "poll", &why);
+                        }
+                    }
+                    Some(why)
+                }
+                PollOutcome::Failed(why) => {
+                    if current {
+                        paused = self.pause_after(&mut backoff, "poll", &why);
+                    }
+                    Some(why)
+                }
+            };
+            // A poll of an older round lost nothing: the relay gave its range again, or none.
+            let restart = match lost {
+                Some(why) if current => {
+                    debug!("poll lost ({why}); asking the relay to send again from frame {ack}");
+                    true
+                }
+                Some(why) => {
+                    debug!("an overtaken poll ended ({why})");
+                    false
+                }
+                // Frames were dropped for lack of room.
+                None if resend => {
+                    debug!("asking the relay to send again from frame {ack}");
+                    true
+                }
+                None => false,
+            };
+            if restart {
+                round = self.poll_round.fetch_add(1, Ordering::AcqRel) + 1;
+                live = 0;
+                allowed = 1;
             }
         }
     }
 
+    /// One poll; returns its outcome and the bytes it brought.
     async fn poll_once(
         self: &Arc<Self>,
         req: reqwest::RequestBuilder,
-        recv: &mut RecvState,
+        reorder: &Mutex<Reorder>,
         limit: usize,
         tracker: &TaskTracker,
-    ) -> PollOutcome {
+    ) -> (PollOutcome, usize) {
         let mut resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return PollOutcome::Failed(describe(&e)),
+            Err(e) => return (PollOutcome::failed(&e), 0),
         };
         if let Some(gone) = link_gone(&resp) {
-            return gone;
+            return (gone, 0);
         }
         if !resp.status().is_success() {
             let status = resp.status();
             let body = body::error_text(resp).await;
-            return PollOutcome::Failed(format!("relay answered {status}: {body}"));
+            return (
+                PollOutcome::Failed(format!("relay answered {status}: {body}")),
+                0,
+            );
         }
         let mut reader = BatchReader::new();
         let mut received = 0usize;
@@ -594,101 +761,209 @@ impl Link {
                 Ok(None) => break,
                 Err(e) => {
                     let why = format!("poll response cut: {}", describe(&e));
-                    return if got_any {
-                        PollOutcome::Progress
+                    let outcome = if got_any {
+                        PollOutcome::Cut(why)
                     } else {
                         PollOutcome::Failed(why)
                     };
+                    return (outcome, received);
                 }
             };
             received += chunk.len();
             if received > limit {
-                return PollOutcome::Failed(format!(
+                return (PollOutcome::Failed(format!(
                     "poll response over {limit} bytes; is something between agent and relay rewriting traffic?"
-                ));
+                )), received);
             }
             reader.push(&chunk);
             match reader.header() {
                 Ok(Some(h)) if !got_any => {
                     if let Err(e) = lock(&self.out).ack(h.ack) {
-                        return PollOutcome::LinkGone(format!("relay sent a bad ack: {e}"));
+                        return (
+                            PollOutcome::LinkGone(format!("relay sent a bad ack: {e}")),
+                            received,
+                        );
                     }
                     got_any = true;
                 }
                 Ok(_) => {}
-                Err(e) => return PollOutcome::LinkGone(format!("relay sent a bad batch: {e}")),
+                Err(e) => {
+                    return (
+                        PollOutcome::LinkGone(format!("relay sent a bad batch: {e}")),
+                        received,
+                    )
+                }
             }
-            if let Err(why) = self.take_frames(&mut reader, recv, tracker) {
-                return PollOutcome::LinkGone(why);
+            if let Err(why) = self.take_frames_reordered(&mut reader, reorder, tracker) {
+                return (PollOutcome::LinkGone(why), received);
             }
         }
         match reader.finish() {
-            Ok(_) => PollOutcome::Progress,
-            Err(e) if got_any => {
-                debug!("poll response ended early: {e}");
-                PollOutcome::Progress
-            }
-            Err(e) => PollOutcome::Failed(format!("poll response ended early: {e}")),
+            Ok(_) => (PollOutcome::Progress, received),
+            Err(e) if got_any => (
+                PollOutcome::Cut(format!("poll response ended early: {e}")),
+                received,
+            ),
+            Err(e) => (
+                PollOutcome::Failed(format!("poll response ended early: {e}")),
+                received,
+            ),
         }
     }
 
+    /// Sends our frames over pushes, up to [`MAX_PUSHES`] in flight, each with the next range
+    /// of frames. The relay holds a push that overtook an earlier one until that one arrives;
+    /// after a failed push, or one the relay answered without taking all of it in, sending
+    /// starts again from the relay's ack.
     async fn push_loop(self: &Arc<Self>) -> Spell {
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let max_batch = self.info.max_batch_bytes as usize;
         // Shrinks after failures so pushes get through paths that cut long requests, and grows
         // back after successes.
         let mut batch_limit = max_batch;
+        // The next frame to send; below the acked base means "from the base".
+        let mut next = 0u64;
+        let mut paused: Option<Instant> = None;
+        // Pushes go in rounds: after a loss, sending starts again from the relay's ack in a new
+        // round, and pushes of older rounds (which the relay may hold for their turn, or which
+        // failed together with the first) hold no place and count no failure.
+        let mut round = 0u64;
+        let mut live = 0;
+        // As for polls: one push at a time after a loss, one more after each success.
+        let mut allowed = MAX_PUSHES;
+        let mut quick_cuts = 0;
+        // When each push of this round in flight started, and how long pushes take (smoothed):
+        // the oldest pending for three times that, plus 100 ms, is taken as stuck on a stalled
+        // connection, and a new round sends again what it carried (as polls do with holes).
+        let mut started: std::collections::BTreeMap<u64, Instant> = Default::default();
+        let mut push_id = 0u64;
+        let mut srtt: Option<Duration> = None;
+        let mut pushes = FuturesUnordered::new();
         loop {
             let notified = self.out_notify.notified();
-            let body = {
-                let out = lock(&self.out);
-                if out.is_empty() {
-                    None
-                } else {
+            let room = |live: usize, all: usize| live < allowed && all < 2 * MAX_PUSHES;
+            while paused.is_none() && room(live, pushes.len()) {
+                let (body, end) = {
+                    let out = lock(&self.out);
+                    let from = next.max(out.base());
+                    if !out.has_from(from) {
+                        break;
+                    }
                     let mut buf = BytesMut::new();
-                    out.encode_batch(
-                        out.base(),
+                    let n = out.encode_batch(
+                        from,
                         self.down_ack.load(Ordering::Acquire),
                         batch_limit,
                         &mut buf,
                     );
-                    Some(buf.freeze())
+                    next = from + n as u64;
+                    (buf.freeze(), next)
+                };
+                let req = self.request(
+                    self.client
+                        .post(format!("{}/push", self.url))
+                        .timeout(self.push_timeout(body.len()))
+                        .header(
+                            reqwest::header::CONTENT_TYPE,
+                            backhaul_common::api::BATCH_CONTENT_TYPE,
+                        )
+                        .body(body),
+                );
+                let push = self.push_once(req, end);
+                let sent_in = round;
+                push_id += 1;
+                let id = push_id;
+                started.insert(id, Instant::now());
+                pushes.push(async move { (push.await, sent_in, id) });
+                live += 1;
+            }
+            let stuck_after = srtt.map(|d| d * 3 + Duration::from_millis(100));
+            let oldest = started.values().next().copied();
+            let stuck_at = oldest.zip(stuck_after).map(|(t, d)| t + d);
+            let (outcome, sent_in, id) = tokio::select! {
+                Some(o) = pushes.next() => o,
+                _ = notified, if room(live, pushes.len()) => continue,
+                _ = sleep_until_some(paused) => {
+                    paused = None;
+                    continue;
                 }
-            };
-            let Some(body) = body else {
-                tokio::select! {
-                    _ = notified => continue,
-                    _ = self.done.cancelled() => return Spell::Shutdown,
+                _ = sleep_until_some(stuck_at) => {
+                    debug!("a push is stuck (pending over {:?}); sending again from the relay's ack", stuck_after.unwrap_or_default());
+                    next = 0;
+                    round += 1;
+                    live = 0;
+                    allowed = 1;
+                    pushes.clear();
+                    started.clear();
+                    continue;
                 }
-            };
-            let req = self.request(
-                self.client
-                    .post(format!("{}/push", self.url))
-                    .timeout(PUSH_TIMEOUT)
-                    .header(
-                        reqwest::header::CONTENT_TYPE,
-                        backhaul_common::api::BATCH_CONTENT_TYPE,
-                    )
-                    .body(body),
-            );
-            let outcome = tokio::select! {
-                r = self.push_once(req) => r,
                 _ = self.done.cancelled() => return Spell::Shutdown,
             };
-            match &outcome {
-                PollOutcome::Progress => batch_limit = (batch_limit * 2).min(max_batch),
-                _ => batch_limit = (batch_limit / 2).max(MIN_PUSH_BATCH),
+            let current = sent_in == round;
+            if current {
+                live -= 1;
             }
-            match outcome {
-                PollOutcome::Progress => backoff.reset(),
-                PollOutcome::LinkGone(why) => return Spell::LinkGone(why),
-                PollOutcome::Failed(why) => {
-                    if !self.pause_after_failure(&mut backoff, "push", &why).await {
-                        return Spell::Shutdown;
-                    }
+            if let Some(t) = started.remove(&id) {
+                if matches!(outcome, PushOutcome::Taken { all: true }) {
+                    let took = t.elapsed();
+                    srtt = Some(srtt.map_or(took, |s| (s * 7 + took) / 8));
                 }
             }
+            let lost = match outcome {
+                PushOutcome::Taken { all } => {
+                    backoff.reset();
+                    quick_cuts = 0;
+                    allowed = (allowed + 1).min(MAX_PUSHES);
+                    batch_limit = (batch_limit * 2).min(max_batch);
+                    // Answered before its turn came: what it carried goes again.
+                    !all
+                }
+                PushOutcome::LinkGone(why) => return Spell::LinkGone(why),
+                PushOutcome::Cut(why) => {
+                    if current {
+                        batch_limit = (batch_limit / 2).max(MIN_PUSH_BATCH);
+                        quick_cuts += 1;
+                        if quick_cuts > QUICK_CUTS {
+                            paused = self.pause_after(&mut backoff, "push", &why);
+                        } else {
+                            debug!("push cut ({why}); sending again at once");
+                        }
+                    }
+                    true
+                }
+                PushOutcome::Failed(why) => {
+                    if current {
+                        batch_limit = (batch_limit / 2).max(MIN_PUSH_BATCH);
+                        paused = self.pause_after(&mut backoff, "push", &why);
+                    }
+                    true
+                }
+            };
+            if lost && current {
+                next = 0;
+                round += 1;
+                live = 0;
+                allowed = 1;
+                // The new round sends all they carry again: they are of no more use, and one
+                // stalled on a dead connection would only hold its place until its timeout.
+                pushes.clear();
+                started.clear();
+            }
         }
+    }
+
+    /// After a failed poll or push, with others still in flight: the first retry goes at once
+    /// (a proxy cutting a connection is routine), later ones wait with jittered backoff, until
+    /// the instant returned.
+    fn pause_after(&self, backoff: &mut Backoff, what: &str, why: &str) -> Option<Instant> {
+        if backoff.attempts() == 0 {
+            debug!("{what} failed ({why}); retrying at once");
+            backoff.next_delay();
+            return None;
+        }
+        let d = backoff.next_delay();
+        warn!("{what} to relay failed ({why}); retrying in {d:?}");
+        Some(Instant::now() + d)
     }
 
     /// After a failed poll or push: the first retry goes at once (a proxy cutting a connection
@@ -707,31 +982,33 @@ impl Link {
         }
     }
 
-    async fn push_once(&self, req: reqwest::RequestBuilder) -> PollOutcome {
+    /// One push of the frames up to `end`.
+    async fn push_once(&self, req: reqwest::RequestBuilder, end: u64) -> PushOutcome {
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return PollOutcome::Failed(describe(&e)),
+            Err(e) if cut_mid_way(&e) => return PushOutcome::Cut(describe(&e)),
+            Err(e) => return PushOutcome::Failed(describe(&e)),
         };
-        if let Some(gone) = link_gone(&resp) {
-            return gone;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return PushOutcome::LinkGone(LINK_GONE.into());
         }
         let status = resp.status();
         if !status.is_success() {
             let body = body::error_text(resp).await;
-            return PollOutcome::Failed(format!("relay answered {status}: {body}"));
+            return PushOutcome::Failed(format!("relay answered {status}: {body}"));
         }
         // The answer is a batch header (the relay's ack); allow what a batch may be.
         let limit = backhaul_common::transport::max_message(self.info.max_batch_bytes as usize);
         let body = match body::read_limited(resp, limit, "a push").await {
             Ok(b) => b,
-            Err(e) => return PollOutcome::Failed(e.to_string()),
+            Err(e) => return PushOutcome::Failed(e.to_string()),
         };
         match decode_batch(&body) {
             Ok((h, _)) => match lock(&self.out).ack(h.ack) {
-                Ok(()) => PollOutcome::Progress,
-                Err(e) => PollOutcome::LinkGone(format!("relay sent a bad ack: {e}")),
+                Ok(()) => PushOutcome::Taken { all: h.ack >= end },
+                Err(e) => PushOutcome::LinkGone(format!("relay sent a bad ack: {e}")),
             },
-            Err(e) => PollOutcome::Failed(format!("push response unreadable: {e}")),
+            Err(e) => PushOutcome::Failed(format!("push response unreadable: {e}")),
         }
     }
 
@@ -909,8 +1186,46 @@ impl ChunkSource for ResponseChunks {
 
 enum PollOutcome {
     Progress,
+    /// Cut after some whole frames arrived: progress, but the rest must be sent again.
+    Cut(String),
+    /// Cut on an established connection before anything arrived: a path that breaks
+    /// exchanges, retried at once for a while.
+    CutEarly(String),
     Failed(String),
     LinkGone(String),
+}
+
+enum PushOutcome {
+    /// The relay took the push in; `all` unless it answered before its turn came.
+    Taken { all: bool },
+    /// Cut on an established connection (see [`cut_mid_way`]).
+    Cut(String),
+    Failed(String),
+    LinkGone(String),
+}
+
+impl PollOutcome {
+    fn failed(e: &reqwest::Error) -> Self {
+        if cut_mid_way(e) {
+            Self::CutEarly(describe(e))
+        } else {
+            Self::Failed(describe(e))
+        }
+    }
+}
+
+/// Whether an exchange broke on a connection that had been made (reset or closed half-way, as
+/// proxies and NATs do), rather than failing to connect or timing out.
+fn cut_mid_way(e: &reqwest::Error) -> bool {
+    !e.is_connect() && !e.is_timeout() && (e.is_request() || e.is_body())
+}
+
+/// Completes at `at`, or never.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn link_gone(resp: &reqwest::Response) -> Option<PollOutcome> {

@@ -3,7 +3,7 @@
 //! | request                                      | body                | answer                         |
 //! |----------------------------------------------|---------------------|--------------------------------|
 //! | `POST {LINKS_PATH}`                          | JSON [`Hello`]      | JSON [`LinkInfo`]              |
-//! | `GET  {LINKS_PATH}/{link}/poll?ack=N`        | -                   | batch, relay -> agent          |
+//! | `GET  {LINKS_PATH}/{link}/poll?ack=N&round=R` | -                  | batch, relay -> agent          |
 //! | `POST {LINKS_PATH}/{link}/push`              | batch, agent -> relay | batch header (the ack)       |
 //! | `GET  {LINKS_PATH}/{link}/ws?ack=N` (Upgrade) | batches, one per binary message, both ways | 101 |
 //! | `POST {LINKS_PATH}/{link}/stream?ack=N` (HTTP/2) | length-prefixed batches | length-prefixed batches |
@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the agent protocol spoken by this build. Sent in [`Hello`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Where agents register links; link URLs live below it.
 pub const LINKS_PATH: &str = "/agent/v1/links";
 /// Frontends' WebSocket URLs start with this, followed by the backend ID.

@@ -2,7 +2,7 @@
 //! `/agent/v1/links`, and `/healthz`. Handlers translate between HTTP and the [`Hub`].
 
 use crate::auth::{Auth, Refusal};
-use crate::hub::{Hub, HubError, RelaySession};
+use crate::hub::{Hub, HubError, Pushed, RelaySession};
 use backhaul_common::api::{self, Hello, OpenRequest, Opened, LINKS_PATH, PROTOCOL_VERSION};
 use backhaul_common::secret;
 use backhaul_common::session::{pump, FrameSink, WsSide};
@@ -231,15 +231,23 @@ async fn agent_api(
             resp
         }
         (Method::GET, id, "poll") if !id.is_empty() => {
-            let ack = match query_u64(req.uri().query(), "ack") {
-                Some(a) => a,
-                None => return text(StatusCode::BAD_REQUEST, "poll needs ?ack=<number>"),
+            let (ack, round) = match (
+                query_u64(req.uri().query(), "ack"),
+                query_u64(req.uri().query(), "round"),
+            ) {
+                (Some(a), Some(r)) => (a, r),
+                _ => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "poll needs ?ack=<number>&round=<number>",
+                    )
+                }
             };
             let (link, _guard) = match enter_link(&ctx, peer, &req, id) {
                 Ok(l) => l,
                 Err(resp) => return *resp,
             };
-            match hub.poll(&link, ack).await {
+            match hub.poll(&link, ack, round).await {
                 Ok(body) => batch(body),
                 Err(e) => link_error(hub, &link, e),
             }
@@ -410,7 +418,9 @@ impl ChunkSource for IncomingChunks {
 }
 
 /// Reads a push body as it streams in, delivering whole frames at once, and returns the ack.
-/// A body cut half-way has still delivered its whole frames; the agent re-sends the rest.
+/// A body cut half-way has still delivered its whole frames; the agent re-sends the rest. A
+/// push that overtook an earlier one (the agent keeps several in flight) leaves its body unread
+/// until that one has arrived, so the relay never holds frames out of order.
 async fn push(
     hub: &Hub,
     link: &Arc<crate::hub::Link>,
@@ -440,7 +450,18 @@ async fn push(
             });
         }
         reader.push(&data);
-        hub.push_frames(link, &mut reader)?;
+        if let Pushed::NotYetItsTurn { first_seq } = hub.push_frames(link, &mut reader, true)? {
+            if !hub.wait_for_turn(link, first_seq).await {
+                debug!(
+                    link.id = link.short_id(),
+                    "push from frame {first_seq} gave up waiting for the frames before it"
+                );
+                return Ok(hub.push_ack(link));
+            }
+            if hub.push_frames(link, &mut reader, true)? != Pushed::Taken {
+                return Ok(hub.push_ack(link));
+            }
+        }
     }
     reader.finish().map_err(|e| HubError::Protocol {
         link: link.short_id().to_string(),

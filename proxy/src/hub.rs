@@ -118,6 +118,8 @@ pub struct Link {
     /// Wakes whatever serves the link (a poll, or a stream's writer): frames to send, sessions
     /// pending for its backend, an ack to send, or a newer poll or stream taking over.
     notify: Notify,
+    /// Wakes pushes waiting for their turn: frames from the agent were taken in.
+    arrived: Notify,
 }
 
 struct LinkState {
@@ -129,9 +131,32 @@ struct LinkState {
     dead: bool,
     last_seen: Instant,
     in_flight: usize,
-    /// Bumped by every poll and every stream; an older one seeing a newer number steps aside.
+    /// Bumped by every stream and by a poll that restarts the link's sending position; an older
+    /// stream or poll seeing a newer number steps aside.
     generation: u64,
+    /// The next frame to hand to a poll. Several polls may be in flight: each takes the range
+    /// from here on, so they carry different frames. A poll of a new round (the agent lost one,
+    /// or is starting long-poll) or a stream moves it back to the agent's ack.
+    poll_next: u64,
+    /// The agent's latest poll round (see [`Hub::poll`]).
+    poll_round: u64,
+    /// Pushes holding their body until the frames before theirs have arrived.
+    waiting_pushes: usize,
 }
+
+/// What a push may do with the frames it carries.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// Every whole frame so far was taken in.
+    Taken,
+    /// The push starts past frames that have not arrived yet (another push in flight carries
+    /// them): hold its body until [`Hub::wait_for_turn`] says the relay has them.
+    NotYetItsTurn { first_seq: u64 },
+}
+
+/// Pushes that may wait for their turn at once on one link; later ones are answered with the
+/// relay's ack at once and sent again by the agent.
+pub const MAX_WAITING_PUSHES: usize = 8;
 
 /// A frontend's session as the relay holds it.
 pub struct RelaySession {
@@ -342,8 +367,12 @@ impl Hub {
                 last_seen: Instant::now(),
                 in_flight: 0,
                 generation: 0,
+                poll_next: 0,
+                poll_round: 0,
+                waiting_pushes: 0,
             }),
             notify: Notify::new(),
+            arrived: Notify::new(),
         });
         let mut inner = lock(&self.inner);
         inner.links.insert(link.id.clone(), link.clone());
@@ -520,31 +549,84 @@ impl Hub {
     }
 
     /// Serves one long-poll: applies the agent's ack, then answers as soon as there are frames
-    /// for it, or with an empty batch when the hold time runs out.
-    pub async fn poll(&self, link: &Arc<Link>, ack: u64) -> Result<Bytes, HubError> {
-        let generation = self.take_over(link, ack)?;
+    /// no other poll has taken, or with an empty batch when the hold time runs out.
+    ///
+    /// The agent numbers its polls in rounds and starts a new round when it starts long-poll or
+    /// loses a poll. The first poll of a new round sends again everything from the agent's ack
+    /// and makes the polls held until then answer at once, empty; a poll of an older round
+    /// (overtaken on the way) answers empty at once. So a range given to a poll that the agent
+    /// loses is always given again.
+    pub async fn poll(
+        &self,
+        link: &Arc<Link>,
+        ack: u64,
+        round: u64,
+    ) -> Result<Bytes, HubError> {
+        let generation = {
+            let mut st = lock(&link.state);
+            if st.dead {
+                return Err(HubError::UnknownLink(link.short_id().to_string()));
+            }
+            st.send.ack(ack).map_err(|e| HubError::Protocol {
+                link: link.short_id().to_string(),
+                what: e.to_string(),
+            })?;
+            if round < st.poll_round {
+                return Ok(self.empty_batch(&st));
+            }
+            if round > st.poll_round {
+                st.poll_round = round;
+                st.generation += 1;
+                st.poll_next = st.send.base();
+                link.wake();
+            }
+            st.generation
+        };
         let deadline = tokio::time::Instant::now() + self.cfg.poll_hold;
         loop {
             let notified = link.woken();
             self.claim_pending(link);
             {
-                let st = lock(&link.state);
+                let mut st = lock(&link.state);
                 if st.dead {
                     return Err(HubError::UnknownLink(link.short_id().to_string()));
                 }
-                // A newer poll from the same agent supersedes this one (the agent gave up on it).
-                if st.generation != generation || st.send.has_from(ack) {
-                    return Ok(self.encode(&st, ack));
+                // A newer stream, or a poll of a newer round, has taken over: what this poll
+                // would carry may already be on its way again.
+                if st.generation != generation {
+                    return Ok(self.empty_batch(&st));
+                }
+                let from = st.poll_next.max(st.send.base());
+                if st.send.has_from(from) {
+                    let mut out = BytesMut::new();
+                    let n = st.send.encode_batch(
+                        from,
+                        st.recv.ack(),
+                        self.cfg.max_batch_bytes,
+                        &mut out,
+                    );
+                    st.poll_next = from + n as u64;
+                    return Ok(out.freeze());
                 }
             }
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(deadline) => {
-                    let st = lock(&link.state);
-                    return Ok(self.encode(&st, ack));
+                    return Ok(self.empty_batch(&lock(&link.state)));
                 }
             }
         }
+    }
+
+    /// A batch without frames: the relay's ack, and where its next frames start.
+    fn empty_batch(&self, st: &LinkState) -> Bytes {
+        let mut out = BytesMut::new();
+        BatchHeader {
+            ack: st.recv.ack(),
+            first_seq: st.poll_next.max(st.send.base()),
+        }
+        .encode(&mut out);
+        out.freeze()
     }
 
     /// Starts a poll or a stream on `link`: applies the agent's ack and makes any older poll or
@@ -587,16 +669,16 @@ impl Hub {
         Ok(Some(cursor.next_batch(&st.send, ack, force)))
     }
 
-    fn encode(&self, st: &LinkState, from: u64) -> Bytes {
-        let mut out = BytesMut::new();
-        st.send
-            .encode_batch(from, st.recv.ack(), self.cfg.max_batch_bytes, &mut out);
-        out.freeze()
-    }
-
     /// Delivers the whole frames that have arrived so far in a push body. Called as body chunks
-    /// come in, so a push cut half-way still delivers what it carried.
-    pub fn push_frames(&self, link: &Arc<Link>, reader: &mut BatchReader) -> Result<(), HubError> {
+    /// come in, so a push cut half-way still delivers what it carried. With `may_wait` (a
+    /// long-poll push, one of several in flight), a batch that starts past the frames taken in
+    /// so far is left unread for its turn; otherwise (a stream) that is a protocol error.
+    pub fn push_frames(
+        &self,
+        link: &Arc<Link>,
+        reader: &mut BatchReader,
+        may_wait: bool,
+    ) -> Result<Pushed, HubError> {
         let protocol = |what: String| HubError::Protocol {
             link: link.short_id().to_string(),
             what,
@@ -612,7 +694,15 @@ impl Hub {
                     .ack(header.ack)
                     .map_err(|e| protocol(e.to_string()))?;
             }
+            // Frames are taken in only in order: a batch that starts past the ones taken in
+            // so far waits until another push has brought those.
+            if may_wait && header.first_seq > st.recv.ack() {
+                return Ok(Pushed::NotYetItsTurn {
+                    first_seq: header.first_seq,
+                });
+            }
         }
+        let before = st.recv.ack();
         let mut woke = false;
         while let Some((seq, frame)) = reader.next_frame().map_err(|e| protocol(e.to_string()))? {
             match st.recv.arrive(seq).map_err(|e| protocol(e.to_string()))? {
@@ -652,11 +742,54 @@ impl Hub {
                 woke = true;
             }
         }
+        let advanced = st.recv.ack() != before;
         drop(st);
         if woke {
             link.wake();
         }
-        Ok(())
+        if advanced {
+            link.arrived.notify_waiters();
+        }
+        Ok(Pushed::Taken)
+    }
+
+    /// Holds a push that is [`Pushed::NotYetItsTurn`] until the frames before `first_seq` have
+    /// arrived (true), or until the hold time runs out or too many pushes wait (false: answer
+    /// with the ack, and the agent sends again what it has to).
+    pub async fn wait_for_turn(&self, link: &Arc<Link>, first_seq: u64) -> bool {
+        {
+            let mut st = lock(&link.state);
+            if st.waiting_pushes >= MAX_WAITING_PUSHES {
+                return false;
+            }
+            st.waiting_pushes += 1;
+        }
+        // Counts this push out however the wait ends, also when its connection is dropped.
+        struct Waiting<'a>(&'a Link);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                let mut st = lock(&self.0.state);
+                st.waiting_pushes = st.waiting_pushes.saturating_sub(1);
+            }
+        }
+        let _waiting = Waiting(link);
+        let deadline = tokio::time::Instant::now() + self.cfg.poll_hold;
+        loop {
+            let arrived = link.arrived.notified();
+            {
+                let st = lock(&link.state);
+                if st.dead {
+                    break false;
+                }
+                if st.recv.ack() >= first_seq {
+                    break true;
+                }
+            }
+            tokio::select! {
+                _ = arrived => {}
+                _ = tokio::time::sleep_until(deadline) => break false,
+            }
+        }
     }
 
     /// The answer to a push: a batch header carrying the relay's ack for the agent's frames.
@@ -693,6 +826,7 @@ impl Hub {
             }
         }
         link.wake();
+        link.arrived.notify_waiters();
         let mut inner = lock(&self.inner);
         inner.links.remove(&link.id);
         if let Some(b) = inner.backends.get_mut(&link.backend) {
@@ -889,5 +1023,101 @@ mod tests {
             hub.enter(&link.id, Some("alpha")),
             Err(HubError::UnknownLink(_))
         ));
+    }
+
+    fn frames_of(batch: &Bytes) -> (BatchHeader, Vec<u64>) {
+        let (h, frames) = backhaul_common::wire::decode_batch(batch).unwrap();
+        (h, frames.into_iter().map(|(seq, _)| seq).collect())
+    }
+
+    fn push_batch(first_seq: u64, session: u32, count: u64) -> BatchReader {
+        let mut out = BytesMut::new();
+        BatchHeader { ack: 0, first_seq }.encode(&mut out);
+        for _ in 0..count {
+            Frame::data(session, false, true, Bytes::from_static(b"x")).encode(&mut out);
+        }
+        BatchReader::from_message(out.freeze())
+    }
+
+    /// Polls in flight at once carry different frames; a poll of a new round sends again from
+    /// the agent's ack, and polls of older rounds answer empty.
+    #[tokio::test]
+    async fn concurrent_polls_carry_different_frames_and_a_restart_resends() {
+        let mut hub = hub();
+        hub.cfg.max_batch_bytes = 25; // two 11-byte frames (10 + 1) per batch
+        let hub = Arc::new(hub);
+        let link = hub.register("b", "x", AGENT.parse().unwrap(), None);
+        for _ in 0..5 {
+            link.send(Frame::data(9, false, true, Bytes::from_static(b"x")));
+        }
+        let first = hub.poll(&link, 0, 1).await.unwrap();
+        let second = hub.poll(&link, 0, 1).await.unwrap();
+        let third = hub.poll(&link, 0, 1).await.unwrap();
+        assert_eq!(frames_of(&first).1, vec![0, 1]);
+        assert_eq!(frames_of(&second).1, vec![2, 3]);
+        assert_eq!(frames_of(&third).1, vec![4]);
+        // The agent got 0..2 and lost the rest: a held poll steps aside for round 2.
+        let held = tokio::spawn({
+            let (hub, link) = (hub.clone(), link.clone());
+            async move { hub.poll(&link, 2, 1).await.unwrap() }
+        });
+        tokio::task::yield_now().await;
+        let again = hub.poll(&link, 2, 2).await.unwrap();
+        assert_eq!(frames_of(&again).1, vec![2, 3]);
+        let (h, seqs) = frames_of(&held.await.unwrap());
+        assert!(seqs.is_empty(), "the older poll answers empty: {seqs:?}");
+        assert_eq!(h.ack, 0);
+        // A poll of round 1 that arrives late takes nothing either.
+        let (_, seqs) = frames_of(&hub.poll(&link, 2, 1).await.unwrap());
+        assert!(seqs.is_empty(), "a late poll of an old round answers empty: {seqs:?}");
+        assert_eq!(frames_of(&hub.poll(&link, 2, 2).await.unwrap()).1, vec![4]);
+    }
+
+    /// A push that overtakes an earlier one waits for it, and the frames reach the session in
+    /// order; one whose turn never comes is answered with the ack, having taken nothing in.
+    #[tokio::test(start_paused = true)]
+    async fn a_push_that_overtakes_an_earlier_one_waits_for_its_turn() {
+        let hub = Arc::new(hub());
+        let link = hub.register("b", "x", AGENT.parse().unwrap(), None);
+        let (session, _peer, _) = hub.open_session("b", &open(), ip(1), None).unwrap();
+        hub.claim_pending(&link);
+        let id = session.id;
+
+        let mut later = push_batch(2, id, 2);
+        assert_eq!(
+            hub.push_frames(&link, &mut later, true).unwrap(),
+            Pushed::NotYetItsTurn { first_seq: 2 }
+        );
+        assert!(
+            hub.push_frames(&link, &mut push_batch(2, id, 2), false).is_err(),
+            "on a stream, a gap is a protocol error"
+        );
+        let waiter = tokio::spawn({
+            let (hub, link) = (hub.clone(), link.clone());
+            async move { hub.wait_for_turn(&link, 2).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        let mut earlier = push_batch(0, id, 2);
+        assert_eq!(
+            hub.push_frames(&link, &mut earlier, true).unwrap(),
+            Pushed::Taken
+        );
+        assert!(waiter.await.unwrap(), "its turn came");
+        assert_eq!(
+            hub.push_frames(&link, &mut later, true).unwrap(),
+            Pushed::Taken
+        );
+        assert_eq!(frames_of(&hub.push_ack(&link)).0.ack, 4);
+
+        // Frames 4 and 5 never come: the push of 6.. gives up after the hold time.
+        let mut lost = push_batch(6, id, 1);
+        assert!(matches!(
+            hub.push_frames(&link, &mut lost, true).unwrap(),
+            Pushed::NotYetItsTurn { first_seq: 6 }
+        ));
+        assert!(!hub.wait_for_turn(&link, 6).await);
+        assert_eq!(frames_of(&hub.push_ack(&link)).0.ack, 4);
+        assert_eq!(lock(&link.state).waiting_pushes, 0);
     }
 }

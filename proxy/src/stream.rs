@@ -52,7 +52,7 @@ pub async fn serve<T: BatchTx, R: BatchRx>(
             };
             link.touch(0);
             let mut reader = BatchReader::from_message(batch);
-            let delivered = hub.push_frames(&link, &mut reader).and_then(|()| {
+            let delivered = hub.push_frames(&link, &mut reader, false).and_then(|_| {
                 reader.finish().map(|_| ()).map_err(|e| HubError::Protocol {
                     link: link.short_id().to_string(),
                     what: e.to_string(),

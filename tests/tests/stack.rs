@@ -343,6 +343,13 @@ async fn stalled_connections_lose_nothing_websocket() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connections_lose_nothing_longpoll() {
+    // Several polls and pushes are in flight: a stalled one must be given up and what it
+    // carried sent again, while the others go on.
+    stalled_connections_lose_nothing("longpoll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_connections_lose_nothing_http2() {
     stalled_connections_lose_nothing("http2").await;
 }

@@ -328,7 +328,7 @@ async fn a_stolen_link_id_is_useless_without_its_credential() {
     let c_auth = bearer(A_CLIENT);
     for auth in [Some(b_auth.as_str()), Some(c_auth.as_str()), None] {
         for (method, target, extra) in [
-            ("GET", format!("{links}/poll?ack=0"), vec![]),
+            ("GET", format!("{links}/poll?ack=0&round=1"), vec![]),
             ("POST", format!("{links}/push"), vec![]),
             ("DELETE", links.clone(), vec![]),
             (
@@ -357,7 +357,7 @@ async fn a_stolen_link_id_is_useless_without_its_credential() {
     }
 
     // The link is still alpha's.
-    let poll = format!("{links}/poll?ack=0");
+    let poll = format!("{links}/poll?ack=0&round=1");
     let r = http(None, addr, "GET", &poll, &[("Authorization", &a_auth)], b"").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
