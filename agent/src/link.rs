@@ -969,15 +969,11 @@ impl Link {
     /// After a failed poll or push: the first retry goes at once (a proxy cutting a connection
     /// is routine), later ones wait with jittered backoff. False if the link ended meanwhile.
     async fn pause_after_failure(&self, backoff: &mut Backoff, what: &str, why: &str) -> bool {
-        if backoff.attempts() == 0 {
-            debug!("{what} failed ({why}); retrying at once");
-            backoff.next_delay();
+        let Some(until) = self.pause_after(backoff, what, why) else {
             return true;
-        }
-        let d = backoff.next_delay();
-        warn!("{what} to relay failed ({why}); retrying in {d:?}");
+        };
         tokio::select! {
-            _ = tokio::time::sleep(d) => true,
+            _ = tokio::time::sleep_until(until) => true,
             _ = self.done.cancelled() => false,
         }
     }

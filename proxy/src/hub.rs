@@ -140,8 +140,24 @@ struct LinkState {
     poll_next: u64,
     /// The agent's latest poll round (see [`Hub::poll`]).
     poll_round: u64,
+    /// Polls being served now.
+    polls_held: usize,
     /// Pushes holding their body until the frames before theirs have arrived.
     waiting_pushes: usize,
+}
+
+impl LinkState {
+    /// Forgets the frames the agent acknowledged; fails if the link is dead or the ack is
+    /// beyond what was sent.
+    fn apply_ack(&mut self, link: &Link, ack: u64) -> Result<(), HubError> {
+        if self.dead {
+            return Err(HubError::UnknownLink(link.short_id().to_string()));
+        }
+        self.send.ack(ack).map_err(|e| HubError::Protocol {
+            link: link.short_id().to_string(),
+            what: e.to_string(),
+        })
+    }
 }
 
 /// What a push may do with the frames it carries.
@@ -153,6 +169,9 @@ pub enum Pushed {
     /// them): hold its body until [`Hub::wait_for_turn`] says the relay has them.
     NotYetItsTurn { first_seq: u64 },
 }
+
+/// How long a poll waits for the rest of a burst of frames (see [`Hub::poll`]).
+const BURST_LINGER: Duration = Duration::from_millis(2);
 
 /// Pushes that may wait for their turn at once on one link; later ones are answered with the
 /// relay's ack at once and sent again by the agent.
@@ -369,6 +388,7 @@ impl Hub {
                 generation: 0,
                 poll_next: 0,
                 poll_round: 0,
+                polls_held: 0,
                 waiting_pushes: 0,
             }),
             notify: Notify::new(),
@@ -564,13 +584,7 @@ impl Hub {
     ) -> Result<Bytes, HubError> {
         let generation = {
             let mut st = lock(&link.state);
-            if st.dead {
-                return Err(HubError::UnknownLink(link.short_id().to_string()));
-            }
-            st.send.ack(ack).map_err(|e| HubError::Protocol {
-                link: link.short_id().to_string(),
-                what: e.to_string(),
-            })?;
+            st.apply_ack(link, ack)?;
             if round < st.poll_round {
                 return Ok(self.empty_batch(&st));
             }
@@ -583,10 +597,20 @@ impl Hub {
             st.generation
         };
         let deadline = tokio::time::Instant::now() + self.cfg.poll_hold;
+        let mut lingered = false;
+        lock(&link.state).polls_held += 1;
+        struct Held<'a>(&'a Link);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                let mut st = lock(&self.0.state);
+                st.polls_held = st.polls_held.saturating_sub(1);
+            }
+        }
+        let _held = Held(link);
         loop {
             let notified = link.woken();
             self.claim_pending(link);
-            {
+            let linger = {
                 let mut st = lock(&link.state);
                 if st.dead {
                     return Err(HubError::UnknownLink(link.short_id().to_string()));
@@ -597,7 +621,12 @@ impl Hub {
                     return Ok(self.empty_batch(&st));
                 }
                 let from = st.poll_next.max(st.send.base());
-                if st.send.has_from(from) {
+                // Frames come in bursts (a new session's OPEN and its client's first bytes, a
+                // close and the next open). When this is the only poll held, whatever comes
+                // after it waits a round trip for the agent's next poll: so it waits briefly
+                // (once) for the rest of the burst to ride along.
+                let last_held = st.polls_held <= 1;
+                if st.send.has_from(from) && (lingered || !last_held) {
                     let mut out = BytesMut::new();
                     let n = st.send.encode_batch(
                         from,
@@ -608,6 +637,12 @@ impl Hub {
                     st.poll_next = from + n as u64;
                     return Ok(out.freeze());
                 }
+                st.send.has_from(from)
+            };
+            if linger {
+                lingered = true;
+                tokio::time::sleep(BURST_LINGER).await;
+                continue;
             }
             tokio::select! {
                 _ = notified => {}
@@ -635,13 +670,7 @@ impl Hub {
     pub fn take_over(&self, link: &Arc<Link>, ack: u64) -> Result<u64, HubError> {
         let generation = {
             let mut st = lock(&link.state);
-            if st.dead {
-                return Err(HubError::UnknownLink(link.short_id().to_string()));
-            }
-            st.send.ack(ack).map_err(|e| HubError::Protocol {
-                link: link.short_id().to_string(),
-                what: e.to_string(),
-            })?;
+            st.apply_ack(link, ack)?;
             st.generation += 1;
             st.generation
         };

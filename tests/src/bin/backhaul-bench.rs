@@ -483,10 +483,10 @@ async fn wan_measure(addr: SocketAddr, profile: WanProfile, o: &Opts) -> Value {
         "download_1_mbit": down_1,
         "upload_n_mbit": up_n,
         "download_n_mbit": down_n,
-        "rtt_p50_ms": pct(&r, 50.0) / 1e3,
-        "rtt_p99_ms": pct(&r, 99.0) / 1e3,
-        "setup_p50_ms": pct(&su, 50.0) / 1e3,
-        "setup_p99_ms": pct(&su, 99.0) / 1e3,
+        "rtt_p50_ms": pct(&r, 0.5) / 1e3,
+        "rtt_p99_ms": pct(&r, 0.99) / 1e3,
+        "setup_p50_ms": pct(&su, 0.5) / 1e3,
+        "setup_p99_ms": pct(&su, 0.99) / 1e3,
     })
 }
 
