@@ -283,11 +283,20 @@ impl Link {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            spell = self.poll_loop(recv, tracker) => spell,
+        // One batch, which may exceed the batch size by a frame.
+        let limit = backhaul_common::transport::max_message(self.info.max_batch_bytes as usize);
+        let reorder = Mutex::new(Reorder::new(*recv, BUSY_POLLS * limit));
+        let spell = tokio::select! {
+            spell = self.poll_loop(&reorder, limit, tracker) => spell,
             spell = self.push_loop() => spell,
             _ = deadline => Spell::TryFaster,
-        }
+        };
+        // Whichever ended the spell, the next transport resumes from what was delivered.
+        *recv = reorder
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .into_recv();
+        spell
     }
 
     /// Opens a stream on `transport` and carries the link over it until it breaks.
@@ -584,19 +593,7 @@ impl Link {
     /// quiet (one answers as soon as the relay has something while the next is already
     /// waiting), up to [`BUSY_POLLS`] while the relay fills them. The relay hands each poll
     /// different frames, so answers may arrive out of order; [`Reorder`] puts them back.
-    async fn poll_loop(self: &Arc<Self>, recv: &mut RecvState, tracker: &TaskTracker) -> Spell {
-        // One batch, which may exceed the batch size by a frame.
-        let limit = backhaul_common::transport::max_message(self.info.max_batch_bytes as usize);
-        let reorder = Mutex::new(Reorder::new(*recv, BUSY_POLLS * limit));
-        let spell = self.polls(&reorder, limit, tracker).await;
-        *recv = reorder
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner())
-            .into_recv();
-        spell
-    }
-
-    async fn polls(
+    async fn poll_loop(
         self: &Arc<Self>,
         reorder: &Mutex<Reorder>,
         limit: usize,
@@ -1193,7 +1190,9 @@ enum PollOutcome {
 
 enum PushOutcome {
     /// The relay took the push in; `all` unless it answered before its turn came.
-    Taken { all: bool },
+    Taken {
+        all: bool,
+    },
     /// Cut on an established connection (see [`cut_mid_way`]).
     Cut(String),
     Failed(String),

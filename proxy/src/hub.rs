@@ -576,12 +576,7 @@ impl Hub {
     /// and makes the polls held until then answer at once, empty; a poll of an older round
     /// (overtaken on the way) answers empty at once. So a range given to a poll that the agent
     /// loses is always given again.
-    pub async fn poll(
-        &self,
-        link: &Arc<Link>,
-        ack: u64,
-        round: u64,
-    ) -> Result<Bytes, HubError> {
+    pub async fn poll(&self, link: &Arc<Link>, ack: u64, round: u64) -> Result<Bytes, HubError> {
         let generation = {
             let mut st = lock(&link.state);
             st.apply_ack(link, ack)?;
@@ -1098,7 +1093,10 @@ mod tests {
         assert_eq!(h.ack, 0);
         // A poll of round 1 that arrives late takes nothing either.
         let (_, seqs) = frames_of(&hub.poll(&link, 2, 1).await.unwrap());
-        assert!(seqs.is_empty(), "a late poll of an old round answers empty: {seqs:?}");
+        assert!(
+            seqs.is_empty(),
+            "a late poll of an old round answers empty: {seqs:?}"
+        );
         assert_eq!(frames_of(&hub.poll(&link, 2, 2).await.unwrap()).1, vec![4]);
     }
 
@@ -1118,7 +1116,8 @@ mod tests {
             Pushed::NotYetItsTurn { first_seq: 2 }
         );
         assert!(
-            hub.push_frames(&link, &mut push_batch(2, id, 2), false).is_err(),
+            hub.push_frames(&link, &mut push_batch(2, id, 2), false)
+                .is_err(),
             "on a stream, a gap is a protocol error"
         );
         let waiter = tokio::spawn({

@@ -8,7 +8,8 @@
 //! - resident memory of every process with 1,000 and 10,000 idle sessions open;
 //! - over emulated WAN paths between agent and relay (`--wan`, tests/src/wan.rs), each beside
 //!   one plain TCP connection over the same path: throughput of one session and of `--conns`
-//!   at once, 64-byte round trips and session set-up; long-poll also through tinyproxy.
+//!   at once, 64-byte round trips and session set-up; long-poll also through tinyproxy;
+//! - beside them, when installed, two peer tunnels from crates.io: bore and rathole.
 //!
 //! Run with `scripts/bench.sh` (builds the release binaries, runs this, draws the chart), or
 //! `target/release/backhaul-bench --help`. Benchmarks measure; nothing here is asserted, and CI
@@ -20,6 +21,7 @@ use backhaul_tests::wan::{WanPath, WanProfile};
 use backhaul_tests::{agent, backend, frontend, relay, s, Program, Stack, StackOptions};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,7 +54,10 @@ options:
   --json PATH         write the results as JSON
   --chart JSON SVG    only draw the chart of a JSON result file
   --serve             (internal) run the target service and print its address
-  --forward ADDR      (internal) forward every TCP connection to ADDR, for the plain chain";
+  --forward ADDR      (internal) forward every TCP connection to ADDR, for the plain chain
+
+bore and rathole, when installed (cargo install bore-cli rathole), are measured beside the stack
+on loopback.";
 
 /// The target service, with three modes chosen by the client's first byte: `u` (upload: count
 /// bytes until EOF, answer with the count), `d` (download: send the 8-byte-announced count, then
@@ -567,6 +572,10 @@ async fn loopback(target: SocketAddr, o: &Opts) -> (serde_json::Map<String, Valu
             .filter_map(|(i, p)| p.pid().map(|pid| (format!("fwd{}", i + 1), pid)))
             .collect(),
     ));
+    let peers = start_peers(target).await;
+    for peer in &peers {
+        paths.push(Path::new(peer.name, peer.addr, peer.pids()));
+    }
     let mut stacks = Vec::new();
     for t in &o.transports {
         let stack = Stack::start_with_env(
@@ -604,6 +613,7 @@ async fn loopback(target: SocketAddr, o: &Opts) -> (serde_json::Map<String, Valu
         results.insert(p.name.clone(), p.finish(o).await);
     }
     drop(stacks);
+    drop(peers);
     for mut p in chain {
         p.kill().await;
     }
@@ -612,6 +622,189 @@ async fn loopback(target: SocketAddr, o: &Opts) -> (serde_json::Map<String, Valu
         idle.push(idle_memory(target, *n, o).await);
     }
     (results, idle)
+}
+
+/// A peer tunnel from crates.io measured beside the stack when installed (`cargo install
+/// bore-cli rathole`): client -> server -> tunnel client -> service, the shape of backhaul's
+/// exposed ports without a frontend. Its processes end with it.
+struct Peer {
+    name: &'static str,
+    addr: SocketAddr,
+    children: Vec<(&'static str, tokio::process::Child)>,
+    _dir: Option<PathBuf>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.start_kill();
+        }
+        if let Some(d) = &self._dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+impl Peer {
+    fn pids(&self) -> Vec<(String, u32)> {
+        self.children
+            .iter()
+            .filter_map(|(n, c)| c.id().map(|pid| (n.to_string(), pid)))
+            .collect()
+    }
+}
+
+/// Where `name` is installed: on PATH, or in cargo's bin directory.
+fn find_exe(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn quiet_child(exe: &std::path::Path, args: &[&str]) -> std::io::Result<tokio::process::Child> {
+    tokio::process::Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// Waits until a session through `addr` echoes its first byte (the tunnel is up), for 10 s.
+async fn wait_for_echo(addr: SocketAddr) -> Result<(), String> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let attempt = async {
+            let mut c = TcpStream::connect(addr).await.ok()?;
+            c.write_all(b"ex").await.ok()?;
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).await.ok()?;
+            (b[0] == b'x').then_some(())
+        };
+        if tokio::time::timeout(std::time::Duration::from_secs(1), attempt)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no echo through {addr} within 10 s"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// bore: `bore server` (its control port is fixed at 7835) and `bore local`.
+async fn start_bore(exe: &std::path::Path, target: SocketAddr) -> Result<Peer, String> {
+    let io = |e: std::io::Error| e.to_string();
+    if TcpStream::connect("127.0.0.1:7835").await.is_ok() {
+        return Err("port 7835, bore's fixed control port, is taken".into());
+    }
+    let port = free_port().map_err(io)?.to_string();
+    let server =
+        quiet_child(exe, &["server", "--min-port", &port, "--max-port", &port]).map_err(io)?;
+    let mut peer = Peer {
+        name: "bore",
+        addr: SocketAddr::from(([127, 0, 0, 1], port.parse().unwrap_or(0))),
+        children: vec![("server", server)],
+        _dir: None,
+    };
+    // The server must listen before the client dials it.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while TcpStream::connect("127.0.0.1:7835").await.is_err() {
+        if Instant::now() > deadline {
+            return Err("bore server did not listen on 7835 within 10 s".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let local = target.port().to_string();
+    let client = quiet_child(
+        exe,
+        &[
+            "local",
+            &local,
+            "--local-host",
+            "127.0.0.1",
+            "--to",
+            "127.0.0.1",
+            "--port",
+            &port,
+        ],
+    )
+    .map_err(io)?;
+    peer.children.push(("client", client));
+    wait_for_echo(peer.addr).await?;
+    Ok(peer)
+}
+
+/// rathole: a server and a client, each with a generated TOML file.
+async fn start_rathole(exe: &std::path::Path, target: SocketAddr) -> Result<Peer, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let dir = std::env::temp_dir().join(format!("backhaul-bench-rathole-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let (control, public) = (free_port().map_err(io)?, free_port().map_err(io)?);
+    let server = dir.join("server.toml");
+    let client = dir.join("client.toml");
+    std::fs::write(
+        &server,
+        format!("[server]\nbind_addr = \"127.0.0.1:{control}\"\n\n[server.services.bench]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{public}\"\nnodelay = true\n"),
+    )
+    .map_err(io)?;
+    std::fs::write(
+        &client,
+        format!("[client]\nremote_addr = \"127.0.0.1:{control}\"\n\n[client.services.bench]\ntoken = \"bench\"\nlocal_addr = \"{target}\"\nnodelay = true\n"),
+    )
+    .map_err(io)?;
+    let mut peer = Peer {
+        name: "rathole",
+        addr: SocketAddr::from(([127, 0, 0, 1], public)),
+        children: Vec::new(),
+        _dir: Some(dir),
+    };
+    let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+    peer.children.push((
+        "server",
+        quiet_child(exe, &["--server", &path(&server)]).map_err(io)?,
+    ));
+    peer.children.push((
+        "client",
+        quiet_child(exe, &["--client", &path(&client)]).map_err(io)?,
+    ));
+    wait_for_echo(peer.addr).await?;
+    Ok(peer)
+}
+
+/// The peers that are installed and start; each one missing or failing is said on stderr.
+async fn start_peers(target: SocketAddr) -> Vec<Peer> {
+    let mut peers = Vec::new();
+    for name in ["bore", "rathole"] {
+        let Some(exe) = find_exe(name) else {
+            eprintln!("backhaul-bench: {name} is not installed, so not measured (cargo install bore-cli rathole)");
+            continue;
+        };
+        let started = match name {
+            "bore" => start_bore(&exe, target).await,
+            _ => start_rathole(&exe, target).await,
+        };
+        match started {
+            Ok(p) => peers.push(p),
+            Err(e) => eprintln!("backhaul-bench: {name} not measured: {e}"),
+        }
+    }
+    peers
 }
 
 fn print_wan(wan: &[Value], conns: u64) {
@@ -779,7 +972,9 @@ fn chart(v: &Value) -> String {
         .as_object()
         .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
         .unwrap_or_default();
-    let colors = ["#888888", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"];
+    let colors = [
+        "#888888", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#d62728", "#8c564b", "#17becf",
+    ];
     let conns = v["options"]["conns"].as_u64().unwrap_or(8);
     let metrics: Vec<(&str, String)> = BULK
         .iter()
