@@ -25,6 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::RwLock;
 use tokio::time::{timeout, Instant};
 
+/// The agent protocol version the relay speaks (docs/protocol.md).
+const AGENT_PROTOCOL: u32 = 3;
 const MIB: u64 = 1 << 20;
 
 // Secrets of two sites sharing one relay. The relay is only ever given their hashes.
@@ -304,7 +306,8 @@ async fn a_stolen_link_id_is_useless_without_its_credential() {
     // The default log level, as deployed.
     let relay = relay(&args, &[(s("RUST_LOG"), s("info"))]).await;
     let addr = relay.addr();
-    let hello = json!({"protocol": 2, "backend_id": "alpha", "agent": "trust-test"}).to_string();
+    let hello = json!({"protocol": AGENT_PROTOCOL, "backend_id": "alpha", "agent": "trust-test"})
+        .to_string();
     let a_auth = bearer(A_AGENT);
     let r = http(
         None,
@@ -471,7 +474,8 @@ async fn sighup_revokes_a_rotated_secret_and_spares_other_sessions() {
     beta_conn.chunk(MIB as usize).await;
     echo_transfer(beta_fe.addr(), 101, MIB).await;
     echo_transfer(alpha_fe.addr(), 202, MIB).await;
-    let hello = json!({"protocol": 2, "backend_id": "alpha", "agent": "old"}).to_string();
+    let hello =
+        json!({"protocol": AGENT_PROTOCOL, "backend_id": "alpha", "agent": "old"}).to_string();
     let r = http(
         None,
         relay.addr(),
