@@ -6,7 +6,7 @@
 //! `common::reliable`).
 
 use crate::body;
-use crate::transport::{Transport, QUICK_BREAKS_BEFORE_FALLBACK, RETRY_FASTER_AFTER, STABLE_AFTER};
+use crate::transport::{Ended, Ladder, Next, Transport};
 use crate::{Clients, Config};
 use backhaul_common::api::{LinkInfo, OpenRequest, Opened};
 use backhaul_common::api::{BACKEND_SECRET_HEADER, FORWARDED_HEADERS};
@@ -170,83 +170,54 @@ impl Link {
     pub async fn run(self: Arc<Self>) -> String {
         let tracker = TaskTracker::new();
         let mut recv = RecvState::new();
-        let ladder = self.cfg.transport.ladder();
-        let mut rung = 0;
-        let mut quick_breaks = 0;
-        // Why the link is not on the fastest transport, for the log.
-        let mut fell_back: Option<String> = None;
+        let mut ladder = Ladder::new(self.cfg.transport);
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let why = loop {
-            let transport = ladder[rung];
-            let next = ladder.get(rung + 1).copied();
-            let note = match (&fell_back, ladder.len()) {
-                (Some(why), _) => format!("fallback: {why}"),
-                (None, 1) => "forced by --transport".to_string(),
-                (None, _) => "the fastest transport".to_string(),
-            };
+            let transport = ladder.current();
+            let note = ladder.note();
             let spell = match transport {
                 Transport::LongPoll => {
-                    let retry_faster = (rung > 0).then_some(RETRY_FASTER_AFTER);
-                    self.longpoll(&mut recv, &tracker, retry_faster, &note)
+                    self.longpoll(&mut recv, &tracker, ladder.retry_faster_after(), &note)
                         .await
                 }
                 Transport::WebSocket | Transport::Http2 => {
                     self.stream(transport, &mut recv, &tracker, &note).await
                 }
             };
-            // What failed, why, and (warning, reason) when it is time to move down the ladder.
-            let (what, why, fall_back) = match spell {
+            // What failed and why, for the log, and how it ended, for the ladder.
+            let (what, ended) = match spell {
                 Spell::LinkGone(why) => break why,
                 Spell::Shutdown => break "shutting down".to_string(),
-                Spell::TryFaster => {
-                    info!("trying faster transports to the relay again");
-                    rung = 0;
-                    quick_breaks = 0;
-                    fell_back = None;
-                    continue;
-                }
-                Spell::Refused(why) => {
-                    let fall_back = next.map(|next| {
-                        (
-                            format!("{transport} transport to the relay is not available ({why}); falling back to {next}"),
-                            format!("{transport} not available: {why}"),
-                        )
-                    });
-                    (format!("{transport} connection"), why, fall_back)
-                }
+                Spell::TryFaster => (String::new(), Ended::TryFaster),
+                Spell::Refused(why) => (format!("{transport} connection"), Ended::Refused(why)),
                 Spell::Broken {
                     why,
                     lasted,
                     progressed,
-                } => {
-                    if lasted >= STABLE_AFTER {
-                        quick_breaks = 0;
-                    } else {
-                        quick_breaks += 1;
-                    }
-                    if progressed {
+                } => (
+                    format!("{transport} stream"),
+                    Ended::Broken {
+                        why,
+                        lasted,
+                        progressed,
+                    },
+                ),
+            };
+            let why = match &ended {
+                Ended::Refused(why) | Ended::Broken { why, .. } => why.clone(),
+                Ended::TryFaster => String::new(),
+            };
+            match ladder.ended(ended) {
+                Next::BackToTop => info!("trying faster transports to the relay again"),
+                Next::FallBack { warning } => {
+                    warn!("{warning}");
+                    backoff.reset();
+                }
+                Next::Retry { reset_backoff } => {
+                    if reset_backoff {
                         // It worked until it broke: reconnect at once.
                         backoff.reset();
                     }
-                    let fall_back = next
-                        .filter(|_| quick_breaks >= QUICK_BREAKS_BEFORE_FALLBACK)
-                        .map(|next| {
-                            (
-                                format!("{transport} transport to the relay broke {quick_breaks} times within {STABLE_AFTER:?} of connecting (last: {why}); falling back to {next}"),
-                                format!("{transport} kept breaking: {why}"),
-                            )
-                        });
-                    (format!("{transport} stream"), why, fall_back)
-                }
-            };
-            match fall_back {
-                Some((warning, reason)) => {
-                    warn!("{warning}");
-                    fell_back = Some(reason);
-                    rung += 1;
-                    quick_breaks = 0;
-                }
-                None => {
                     if !self.pause_after_failure(&mut backoff, &what, &why).await {
                         break "shutting down".to_string();
                     }
