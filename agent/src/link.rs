@@ -184,28 +184,16 @@ impl Link {
                     self.stream(transport, &mut recv, &tracker, &note).await
                 }
             };
-            // What failed and why, for the log, and how it ended, for the ladder.
-            let (what, ended) = match spell {
+            let ended = match spell {
                 Spell::LinkGone(why) => break why,
                 Spell::Shutdown => break "shutting down".to_string(),
-                Spell::TryFaster => (String::new(), Ended::TryFaster),
-                Spell::Refused(why) => (format!("{transport} connection"), Ended::Refused(why)),
-                Spell::Broken {
-                    why,
-                    lasted,
-                    progressed,
-                } => (
-                    format!("{transport} stream"),
-                    Ended::Broken {
-                        why,
-                        lasted,
-                        progressed,
-                    },
-                ),
+                Spell::Ended(ended) => ended,
             };
-            let why = match &ended {
-                Ended::Refused(why) | Ended::Broken { why, .. } => why.clone(),
-                Ended::TryFaster => String::new(),
+            // What failed and why, for the log.
+            let (what, why) = match &ended {
+                Ended::Refused(why) => (format!("{transport} connection"), why.clone()),
+                Ended::Broken { why, .. } => (format!("{transport} stream"), why.clone()),
+                Ended::TryFaster => (String::new(), String::new()),
             };
             match ladder.ended(ended) {
                 Next::BackToTop => info!("trying faster transports to the relay again"),
@@ -260,7 +248,7 @@ impl Link {
         let spell = tokio::select! {
             spell = self.poll_loop(&reorder, limit, tracker) => spell,
             spell = self.push_loop() => spell,
-            _ = deadline => Spell::TryFaster,
+            _ = deadline => Spell::Ended(Ended::TryFaster),
         };
         // Whichever ended the spell, the next transport resumes from what was delivered.
         *recv = reorder
@@ -340,7 +328,7 @@ impl Link {
     > {
         let url = self.stream_url(true, "ws", ack);
         let url =
-            url::Url::parse(&url).map_err(|e| Spell::Refused(format!("bad URL {url}: {e}")))?;
+            url::Url::parse(&url).map_err(|e| Spell::refused(format!("bad URL {url}: {e}")))?;
         let opts = DialOptions {
             timeout: self.setup_limit(),
             tls: self.cfg.tls.clone(),
@@ -363,7 +351,7 @@ impl Link {
             Err(backhaul_common::dial::DialError::Http { status: 404, .. }) => {
                 Err(Spell::LinkGone(LINK_GONE.into()))
             }
-            Err(e) => Err(Spell::Refused(e.to_string())),
+            Err(e) => Err(Spell::refused(e.to_string())),
         }
     }
 
@@ -381,8 +369,8 @@ impl Link {
         );
         let limit = self.setup_limit();
         let resp = match tokio::time::timeout(limit, req.send()).await {
-            Err(_) => return Err(Spell::Refused(format!("no answer within {limit:?}"))),
-            Ok(Err(e)) => return Err(Spell::Refused(describe(&e))),
+            Err(_) => return Err(Spell::refused(format!("no answer within {limit:?}"))),
+            Ok(Err(e)) => return Err(Spell::refused(describe(&e))),
             Ok(Ok(r)) => r,
         };
         if let Some(PollOutcome::LinkGone(why)) = link_gone(&resp) {
@@ -391,7 +379,7 @@ impl Link {
         if !resp.status().is_success() {
             let status = resp.status();
             let body = body::error_text(resp).await;
-            return Err(Spell::Refused(format!("relay answered {status}: {body}")));
+            return Err(Spell::refused(format!("relay answered {status}: {body}")));
         }
         let max_batch = self.info.max_batch_bytes as usize;
         Ok((tx, ChunkRx::new(ResponseChunks(resp), max_batch)))
@@ -468,11 +456,11 @@ impl Link {
                 Some((b / 2).max(MIN_PUSH_BATCH))
             });
         }
-        Spell::Broken {
+        Spell::Ended(Ended::Broken {
             why,
             lasted: started.elapsed(),
             progressed,
-        }
+        })
     }
 
     /// Takes in one whole batch from a stream. `Err` when the relay broke the protocol.
@@ -857,18 +845,13 @@ impl Link {
                 }
                 _ = sleep_until_some(stuck_at) => {
                     debug!("a push is stuck (pending over {:?}); sending again from the relay's ack", stuck_after.unwrap_or_default());
-                    next = 0;
-                    round += 1;
-                    live = 0;
-                    allowed = 1;
-                    pushes.clear();
-                    started.clear();
-                    continue;
+                    // Push IDs start at 1: 0 stands for none in particular.
+                    (PushOutcome::Stuck, round, 0)
                 }
                 _ = self.done.cancelled() => return Spell::Shutdown,
             };
             let current = sent_in == round;
-            if current {
+            if current && id != 0 {
                 live -= 1;
             }
             if let Some(t) = started.remove(&id) {
@@ -878,6 +861,7 @@ impl Link {
                 }
             }
             let lost = match outcome {
+                PushOutcome::Stuck => true,
                 PushOutcome::Taken { all } => {
                     backoff.reset();
                     quick_cuts = 0;
@@ -1123,17 +1107,14 @@ enum Spell {
     /// The link is over: the relay forgot it, or broke the protocol. Register again.
     LinkGone(String),
     Shutdown,
-    /// The transport could not be set up (a proxy refused it, or the relay does not offer it).
-    Refused(String),
-    /// The transport carried the link for `lasted`, then broke; `progressed` if it carried any
-    /// batch at all.
-    Broken {
-        why: String,
-        lasted: Duration,
-        progressed: bool,
-    },
-    /// Time to try the faster transports again.
-    TryFaster,
+    /// The transport ended and the link goes on, on this one or another (see [`Ladder`]).
+    Ended(Ended),
+}
+
+impl Spell {
+    fn refused(why: String) -> Self {
+        Spell::Ended(Ended::Refused(why))
+    }
 }
 
 const LINK_GONE: &str =
@@ -1160,6 +1141,8 @@ enum PollOutcome {
 }
 
 enum PushOutcome {
+    /// The oldest push in flight is taking too long (not the outcome of one push).
+    Stuck,
     /// The relay took the push in; `all` unless it answered before its turn came.
     Taken {
         all: bool,

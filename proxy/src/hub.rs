@@ -160,6 +160,18 @@ impl LinkState {
     }
 }
 
+/// Counts a request out of one of its link's counters when dropped: however its wait ends,
+/// also when its connection goes away and the request with it.
+struct Counted<'a>(&'a Link, fn(&mut LinkState) -> &mut usize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.0.state);
+        let n = (self.1)(&mut st);
+        *n = n.saturating_sub(1);
+    }
+}
+
 /// What a push may do with the frames it carries.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pushed {
@@ -594,14 +606,7 @@ impl Hub {
         let deadline = tokio::time::Instant::now() + self.cfg.poll_hold;
         let mut lingered = false;
         lock(&link.state).polls_held += 1;
-        struct Held<'a>(&'a Link);
-        impl Drop for Held<'_> {
-            fn drop(&mut self) {
-                let mut st = lock(&self.0.state);
-                st.polls_held = st.polls_held.saturating_sub(1);
-            }
-        }
-        let _held = Held(link);
+        let _held = Counted(link, |st| &mut st.polls_held);
         loop {
             let notified = link.woken();
             self.claim_pending(link);
@@ -788,15 +793,7 @@ impl Hub {
             }
             st.waiting_pushes += 1;
         }
-        // Counts this push out however the wait ends, also when its connection is dropped.
-        struct Waiting<'a>(&'a Link);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                let mut st = lock(&self.0.state);
-                st.waiting_pushes = st.waiting_pushes.saturating_sub(1);
-            }
-        }
-        let _waiting = Waiting(link);
+        let _waiting = Counted(link, |st| &mut st.waiting_pushes);
         let deadline = tokio::time::Instant::now() + self.cfg.poll_hold;
         loop {
             let arrived = link.arrived.notified();
