@@ -70,6 +70,8 @@ impl Config {
 pub struct Clients {
     /// HTTP/1.1: registration, long-poll.
     pub h1: reqwest::Client,
+    /// HTTP/1.1 without keeping connections: for paths that close them after every answer.
+    pub h1_fresh: reqwest::Client,
     /// HTTP/2 only (ALPN `h2`, or prior knowledge for `http://`): the http2 transport.
     pub h2: reqwest::Client,
 }
@@ -94,6 +96,12 @@ pub fn http_clients(cfg: &Config) -> anyhow::Result<Clients> {
     tls1.alpn_protocols = vec![b"http/1.1".to_vec()];
     let h1 = base()
         .http1_only()
+        .tls_backend_preconfigured(tls1.clone())
+        .build()
+        .context("could not build the HTTP/1.1 client")?;
+    let h1_fresh = base()
+        .http1_only()
+        .pool_max_idle_per_host(0)
         .tls_backend_preconfigured(tls1)
         .build()
         .context("could not build the HTTP/1.1 client")?;
@@ -110,7 +118,7 @@ pub fn http_clients(cfg: &Config) -> anyhow::Result<Clients> {
         .tls_backend_preconfigured(tls2)
         .build()
         .context("could not build the HTTP/2 client")?;
-    Ok(Clients { h1, h2 })
+    Ok(Clients { h1, h1_fresh, h2 })
 }
 
 /// Registers with the relay and serves sessions until `shutdown`, re-registering whenever the

@@ -47,6 +47,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 const QUIET_POLLS: usize = 2;
 const BUSY_POLLS: usize = 4;
 const MAX_PUSHES: usize = 4;
+/// Kept connections closed under a request after which polls and pushes stop keeping them.
+const FRESH_AFTER_CLOSES: u32 = 3;
 /// Exchanges cut half-way in a row that are retried at once before backing off.
 const QUICK_CUTS: u32 = 16;
 /// Smallest push batch the agent shrinks to after failed pushes.
@@ -88,6 +90,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Link {
     cfg: Arc<Config>,
     client: reqwest::Client,
+    /// HTTP/1.1 client that opens a connection per request, used once the path has closed
+    /// kept connections under us [`FRESH_AFTER_CLOSES`] times.
+    client_fresh: reqwest::Client,
+    closed_under_us: std::sync::atomic::AtomicU32,
     /// HTTP/2-only client for the http2 transport.
     client_h2: reqwest::Client,
     info: LinkInfo,
@@ -137,6 +143,8 @@ impl Link {
         Arc::new(Self {
             cfg,
             client: clients.h1.clone(),
+            client_fresh: clients.h1_fresh.clone(),
+            closed_under_us: std::sync::atomic::AtomicU32::new(0),
             client_h2: clients.h2.clone(),
             info,
             url,
@@ -155,6 +163,32 @@ impl Link {
     fn send(&self, frame: Frame) {
         lock(&self.out).push(frame);
         self.out_notify.notify_one();
+    }
+
+    /// The HTTP/1.1 client for polls and pushes: the pooled one, until the path has shown that
+    /// it closes connections after each answer (tinyproxy does, without saying
+    /// `Connection: close`). Reusing such a connection loses the request sent on it just as
+    /// the close arrives; a new connection per request never does.
+    fn h1(&self) -> &reqwest::Client {
+        if self.closed_under_us.load(Ordering::Relaxed) >= FRESH_AFTER_CLOSES {
+            &self.client_fresh
+        } else {
+            &self.client
+        }
+    }
+
+    /// Notes a request lost because its kept connection closed as it was sent.
+    fn closed_under_us(&self, e: &reqwest::Error) {
+        // hyper's words for a connection that closed before any answer (IncompleteMessage).
+        if !describe(e).contains("connection closed before message completed") {
+            return;
+        }
+        let n = self.closed_under_us.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == FRESH_AFTER_CLOSES {
+            info!(
+                "the path to the relay closed kept connections under {n} requests (a proxy without keep-alive?); opening a new connection for each request from now on"
+            );
+        }
     }
 
     fn request(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -586,7 +620,7 @@ impl Link {
             while paused.is_none() && live < target && polls.len() < 2 * BUSY_POLLS {
                 let ack = lock(reorder).ack();
                 let url = format!("{}/poll?ack={ack}&round={round}", self.url);
-                let req = self.request(self.client.get(url).timeout(hold + self.grace()));
+                let req = self.request(self.h1().get(url).timeout(hold + self.grace()));
                 let poll = self.poll_once(req, reorder, limit, tracker);
                 let sent_in = round;
                 let started = Instant::now();
@@ -695,7 +729,10 @@ impl Link {
     ) -> (PollOutcome, usize) {
         let mut resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return (PollOutcome::failed(&e), 0),
+            Err(e) => {
+                self.closed_under_us(&e);
+                return (PollOutcome::failed(&e), 0);
+            }
         };
         if let Some(gone) = link_gone(&resp) {
             return (gone, 0);
@@ -816,7 +853,7 @@ impl Link {
                     (buf.freeze(), next)
                 };
                 let req = self.request(
-                    self.client
+                    self.h1()
                         .post(format!("{}/push", self.url))
                         .timeout(self.push_timeout(body.len()))
                         .header(
@@ -934,7 +971,10 @@ impl Link {
     async fn push_once(&self, req: reqwest::RequestBuilder, end: u64) -> PushOutcome {
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) if cut_mid_way(&e) => return PushOutcome::Cut(describe(&e)),
+            Err(e) if cut_mid_way(&e) => {
+                self.closed_under_us(&e);
+                return PushOutcome::Cut(describe(&e));
+            }
             Err(e) => return PushOutcome::Failed(describe(&e)),
         };
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
