@@ -596,7 +596,7 @@ impl Link {
         let hold = Duration::from_millis(self.info.poll_hold_ms);
         // Polls go in rounds (see the relay's `Hub::poll`): a new round makes the relay send
         // again from our ack. One starts with each long-poll spell and after each lost poll.
-        let mut round = self.poll_round.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut round = self.next_poll_round();
         let mut busy = false;
         let mut paused: Option<Instant> = None;
         // Polls of this round in flight. Those of older rounds finish on their own (the relay
@@ -637,9 +637,8 @@ impl Link {
                 _ = sleep_until_some(hole_since.map(|t| t + rto)) => {
                     let ack = lock(reorder).ack();
                     debug!("frames waited past a hole for {rto:?}; asking the relay to send again from frame {ack}");
-                    round = self.poll_round.fetch_add(1, Ordering::AcqRel) + 1;
-                    live = 0;
-                    allowed = 1;
+                    // A new round: polls of the old one hold no place, and one goes at first.
+                    (round, live, allowed) = (self.next_poll_round(), 0, 1);
                     hole_since = Some(Instant::now());
                     continue;
                 }
@@ -680,10 +679,7 @@ impl Link {
                 }
                 PollOutcome::CutEarly(why) => {
                     if current {
-                        quick_cuts += 1;
-                        if quick_cuts > QUICK_CUTS {
-                            paused = self.pause_after(&mut backoff, "poll", &why);
-                        }
+                        paused = self.after_cut(&mut backoff, &mut quick_cuts, "poll", &why);
                     }
                     Some(why)
                 }
@@ -712,11 +708,14 @@ impl Link {
                 None => false,
             };
             if restart {
-                round = self.poll_round.fetch_add(1, Ordering::AcqRel) + 1;
-                live = 0;
-                allowed = 1;
+                (round, live, allowed) = (self.next_poll_round(), 0, 1);
             }
         }
+    }
+
+    /// Starts a new round of polls (see the relay's `Hub::poll`) and returns its number.
+    fn next_poll_round(&self) -> u64 {
+        self.poll_round.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// One poll; returns its outcome and the bytes it brought.
@@ -817,25 +816,22 @@ impl Link {
         // The next frame to send; below the acked base means "from the base".
         let mut next = 0u64;
         let mut paused: Option<Instant> = None;
-        // Pushes go in rounds: after a loss, sending starts again from the relay's ack in a new
-        // round, and pushes of older rounds (which the relay may hold for their turn, or which
-        // failed together with the first) hold no place and count no failure.
-        let mut round = 0u64;
-        let mut live = 0;
         // As for polls: one push at a time after a loss, one more after each success.
         let mut allowed = MAX_PUSHES;
         let mut quick_cuts = 0;
-        // When each push of this round in flight started, and how long pushes take (smoothed):
-        // the oldest pending for three times that, plus 100 ms, is taken as stuck on a stalled
-        // connection, and a new round sends again what it carried (as polls do with holes).
+        // When each push in flight started, and how long pushes take (smoothed): the oldest
+        // pending for three times that, plus 100 ms, is taken as stuck on a stalled connection,
+        // and what it carried is sent again (as polls do with holes).
         let mut started: std::collections::BTreeMap<u64, Instant> = Default::default();
         let mut push_id = 0u64;
         let mut srtt: Option<Duration> = None;
+        // After a loss every push in flight is dropped (sending starts again from the relay's
+        // ack), so the pushes here are always those sent since the last loss: one failing after
+        // another has failed cannot be, and failures never count twice.
         let mut pushes = FuturesUnordered::new();
         loop {
             let notified = self.out_notify.notified();
-            let room = |live: usize, all: usize| live < allowed && all < 2 * MAX_PUSHES;
-            while paused.is_none() && room(live, pushes.len()) {
+            while paused.is_none() && pushes.len() < allowed {
                 let (body, end) = {
                     let out = lock(&self.out);
                     let from = next.max(out.base());
@@ -863,43 +859,43 @@ impl Link {
                         .body(body),
                 );
                 let push = self.push_once(req, end);
-                let sent_in = round;
                 push_id += 1;
                 let id = push_id;
                 started.insert(id, Instant::now());
-                pushes.push(async move { (push.await, sent_in, id) });
-                live += 1;
+                pushes.push(async move { (push.await, id) });
             }
             let stuck_after = srtt.map(|d| d * 3 + Duration::from_millis(100));
             let oldest = started.values().next().copied();
             let stuck_at = oldest.zip(stuck_after).map(|(t, d)| t + d);
-            let (outcome, sent_in, id) = tokio::select! {
-                Some(o) = pushes.next() => o,
-                _ = notified, if room(live, pushes.len()) => continue,
+            let finished = tokio::select! {
+                Some(o) = pushes.next() => Some(o),
+                _ = notified, if pushes.len() < allowed => continue,
                 _ = sleep_until_some(paused) => {
                     paused = None;
                     continue;
                 }
-                _ = sleep_until_some(stuck_at) => {
-                    debug!("a push is stuck (pending over {:?}); sending again from the relay's ack", stuck_after.unwrap_or_default());
-                    // Push IDs start at 1: 0 stands for none in particular.
-                    (PushOutcome::Stuck, round, 0)
-                }
+                _ = sleep_until_some(stuck_at) => None,
                 _ = self.done.cancelled() => return Spell::Shutdown,
             };
-            let current = sent_in == round;
-            if current && id != 0 {
-                live -= 1;
-            }
-            if let Some(t) = started.remove(&id) {
-                if matches!(outcome, PushOutcome::Taken { all: true }) {
-                    let took = t.elapsed();
-                    srtt = Some(srtt.map_or(took, |s| (s * 7 + took) / 8));
+            // None: the oldest push is stuck.
+            let outcome = finished.map(|(outcome, id)| {
+                if let Some(t) = started.remove(&id) {
+                    if matches!(outcome, PushOutcome::Taken { all: true }) {
+                        let took = t.elapsed();
+                        srtt = Some(srtt.map_or(took, |s| (s * 7 + took) / 8));
+                    }
                 }
-            }
+                outcome
+            });
             let lost = match outcome {
-                PushOutcome::Stuck => true,
-                PushOutcome::Taken { all } => {
+                None => {
+                    debug!(
+                        "a push is stuck (pending over {:?}); sending again from the relay's ack",
+                        stuck_after.unwrap_or_default()
+                    );
+                    true
+                }
+                Some(PushOutcome::Taken { all }) => {
                     backoff.reset();
                     quick_cuts = 0;
                     allowed = (allowed + 1).min(MAX_PUSHES);
@@ -907,34 +903,24 @@ impl Link {
                     // Answered before its turn came: what it carried goes again.
                     !all
                 }
-                PushOutcome::LinkGone(why) => return Spell::LinkGone(why),
-                PushOutcome::Cut(why) => {
-                    if current {
-                        batch_limit = (batch_limit / 2).max(MIN_PUSH_BATCH);
-                        quick_cuts += 1;
-                        if quick_cuts > QUICK_CUTS {
-                            paused = self.pause_after(&mut backoff, "push", &why);
-                        } else {
-                            debug!("push cut ({why}); sending again at once");
-                        }
-                    }
+                Some(PushOutcome::LinkGone(why)) => return Spell::LinkGone(why),
+                Some(PushOutcome::Cut(why)) => {
+                    batch_limit = (batch_limit / 2).max(MIN_PUSH_BATCH);
+                    paused = self.after_cut(&mut backoff, &mut quick_cuts, "push", &why);
                     true
                 }
-                PushOutcome::Failed(why) => {
-                    if current {
-                        batch_limit = (batch_limit / 2).max(MIN_PUSH_BATCH);
-                        paused = self.pause_after(&mut backoff, "push", &why);
-                    }
+                Some(PushOutcome::Failed(why)) => {
+                    batch_limit = (batch_limit / 2).max(MIN_PUSH_BATCH);
+                    paused = self.pause_after(&mut backoff, "push", &why);
                     true
                 }
             };
-            if lost && current {
+            if lost {
                 next = 0;
-                round += 1;
-                live = 0;
                 allowed = 1;
-                // The new round sends all they carry again: they are of no more use, and one
-                // stalled on a dead connection would only hold its place until its timeout.
+                // Sending starts again from the relay's ack: the pushes in flight carry nothing
+                // that will not go again, and one stalled on a dead connection would only hold
+                // its place until its timeout.
                 pushes.clear();
                 started.clear();
             }
@@ -953,6 +939,23 @@ impl Link {
         let d = backoff.next_delay();
         warn!("{what} to relay failed ({why}); retrying in {d:?}");
         Some(Instant::now() + d)
+    }
+
+    /// After a poll or push cut half-way on an established connection (a path that breaks
+    /// exchanges): retried at once up to [`QUICK_CUTS`] in a row, then paused like a failure.
+    fn after_cut(
+        &self,
+        backoff: &mut Backoff,
+        quick_cuts: &mut u32,
+        what: &str,
+        why: &str,
+    ) -> Option<Instant> {
+        *quick_cuts += 1;
+        if *quick_cuts > QUICK_CUTS {
+            return self.pause_after(backoff, what, why);
+        }
+        debug!("{what} cut ({why}); sending again at once");
+        None
     }
 
     /// After a failed poll or push: the first retry goes at once (a proxy cutting a connection
@@ -1181,8 +1184,6 @@ enum PollOutcome {
 }
 
 enum PushOutcome {
-    /// The oldest push in flight is taking too long (not the outcome of one push).
-    Stuck,
     /// The relay took the push in; `all` unless it answered before its turn came.
     Taken {
         all: bool,

@@ -45,11 +45,6 @@ impl SendBuffer {
         self.base + self.frames.len() as u64
     }
 
-    /// The frame pushed last, if not yet acknowledged.
-    pub fn newest(&self) -> Option<&Frame> {
-        self.frames.back()
-    }
-
     /// The oldest unacknowledged sequence number.
     pub fn base(&self) -> u64 {
         self.base

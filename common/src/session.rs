@@ -512,8 +512,6 @@ mod tests {
         }
     }
 
-    /// A pump on the server side of a WebSocket, with tungstenite (an independent
-    /// implementation) as its client.
     /// A running pump: the link's handle, what it sent, its task, and its WebSocket client.
     type Started = (
         SessionHandle,
@@ -522,6 +520,8 @@ mod tests {
         WebSocketStream<tokio::io::DuplexStream>,
     );
 
+    /// A pump on the server side of a WebSocket, with tungstenite (an independent
+    /// implementation) as its client.
     async fn started(window: u32, max_message: u64) -> Started {
         started_with(&WindowConfig::fixed(window), max_message).await
     }

@@ -631,7 +631,8 @@ struct Peer {
     name: &'static str,
     addr: SocketAddr,
     children: Vec<(&'static str, tokio::process::Child)>,
-    _dir: Option<PathBuf>,
+    /// Its generated configuration, removed with it.
+    dir: Option<PathBuf>,
 }
 
 impl Drop for Peer {
@@ -639,7 +640,7 @@ impl Drop for Peer {
         for (_, c) in &mut self.children {
             let _ = c.start_kill();
         }
-        if let Some(d) = &self._dir {
+        if let Some(d) = &self.dir {
             let _ = std::fs::remove_dir_all(d);
         }
     }
@@ -720,7 +721,7 @@ async fn start_bore(exe: &std::path::Path, target: SocketAddr) -> Result<Peer, S
         name: "bore",
         addr: SocketAddr::from(([127, 0, 0, 1], port.parse().unwrap_or(0))),
         children: vec![("server", server)],
-        _dir: None,
+        dir: None,
     };
     // The server must listen before the client dials it.
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
@@ -772,7 +773,7 @@ async fn start_rathole(exe: &std::path::Path, target: SocketAddr) -> Result<Peer
         name: "rathole",
         addr: SocketAddr::from(([127, 0, 0, 1], public)),
         children: Vec::new(),
-        _dir: Some(dir),
+        dir: Some(dir),
     };
     let path = |p: &PathBuf| p.to_string_lossy().into_owned();
     peer.children.push((
