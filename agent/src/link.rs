@@ -20,12 +20,13 @@ use backhaul_common::transport::{
 };
 use backhaul_common::wire::{decode_batch, BatchHeader, BatchReader, Frame, Kind};
 use backhaul_common::ws::Role;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -355,8 +356,8 @@ impl Link {
         ack: u64,
     ) -> Result<
         (
-            backhaul_common::transport::WsTx<RelayStream>,
-            backhaul_common::transport::WsRx<RelayStream>,
+            backhaul_common::transport::WsTx<WriteHalf<RelayStream>>,
+            backhaul_common::transport::WsRx<ReadHalf<RelayStream>>,
         ),
         Spell,
     > {
@@ -371,17 +372,11 @@ impl Link {
             ..DialOptions::default()
         };
         match dial(&url, &opts).await {
-            Ok(Dialed { io, .. }) => {
-                let config =
-                    backhaul_common::transport::link_ws_config(self.info.max_batch_bytes as usize);
-                let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                    io,
-                    tokio_tungstenite::tungstenite::protocol::Role::Client,
-                    Some(config),
-                )
-                .await;
-                Ok(backhaul_common::transport::ws_halves(ws))
-            }
+            Ok(Dialed { io, .. }) => Ok(backhaul_common::transport::ws_halves(
+                io,
+                Role::Client,
+                self.info.max_batch_bytes as usize,
+            )),
             Err(backhaul_common::dial::DialError::Http { status: 404, .. }) => {
                 Err(Spell::LinkGone(LINK_GONE.into()))
             }
@@ -838,15 +833,11 @@ impl Link {
                     if !out.has_from(from) {
                         break;
                     }
-                    let mut buf = BytesMut::new();
-                    let n = out.encode_batch(
-                        from,
-                        self.down_ack.load(Ordering::Acquire),
-                        batch_limit,
-                        &mut buf,
-                    );
+                    // A push body is one buffer: a proxy may need its length up front.
+                    let (batch, n) =
+                        out.encode_batch(from, self.down_ack.load(Ordering::Acquire), batch_limit);
                     next = from + n as u64;
-                    (buf.freeze(), next)
+                    (batch.into_bytes(), next)
                 };
                 let req = self.request(
                     self.h1()

@@ -7,8 +7,7 @@
 //! exchange cut half-way costs a retransmission, never a loss; the receiver drops the
 //! duplicates, so nothing is delivered twice.
 
-use crate::wire::{BatchHeader, Frame};
-use bytes::BytesMut;
+use crate::wire::{Batch, BatchEncoder, BatchHeader, Frame};
 use std::collections::{BTreeMap, VecDeque};
 
 /// The sending half: frames not yet acknowledged, oldest first.
@@ -86,22 +85,16 @@ impl SendBuffer {
         from.max(self.base) < self.next_seq()
     }
 
-    /// Encodes a batch into `out`: the header (carrying `peer_ack` for the other direction) and the
-    /// frames from `from` on, up to about `max_bytes` (at least one frame when there is one).
-    /// Returns the number of frames written. `from` below the buffer's base starts at the base.
-    pub fn encode_batch(
-        &self,
-        from: u64,
-        peer_ack: u64,
-        max_bytes: usize,
-        out: &mut BytesMut,
-    ) -> usize {
+    /// Encodes a batch: the header (carrying `peer_ack` for the other direction) and the frames
+    /// from `from` on, up to about `max_bytes` (at least one frame when there is one). Returns it
+    /// with the number of frames in it. `from` below the buffer's base starts at the base. Only
+    /// headers and small payloads are copied (see [`Batch`]).
+    pub fn encode_batch(&self, from: u64, peer_ack: u64, max_bytes: usize) -> (Batch, usize) {
         let from = from.max(self.base);
-        BatchHeader {
+        let mut out = BatchEncoder::new(BatchHeader {
             ack: peer_ack,
             first_seq: from,
-        }
-        .encode(out);
+        });
         let skip = (from - self.base) as usize;
         let mut written = 0;
         let mut size = 0;
@@ -110,10 +103,10 @@ impl SendBuffer {
                 break;
             }
             size += f.encoded_len();
-            f.encode(out);
+            out.push(f);
             written += 1;
         }
-        written
+        (out.finish(), written)
     }
 }
 
@@ -138,7 +131,7 @@ pub struct StreamCursor {
 #[derive(Debug)]
 pub enum StreamNext {
     /// Send this batch.
-    Batch(bytes::Bytes),
+    Batch(Batch),
     /// Nothing new to send, but the peer has not heard our latest ack; send it soon.
     AckDue,
     /// Nothing to send.
@@ -178,12 +171,11 @@ impl StreamCursor {
                 StreamNext::AckDue
             };
         }
-        let mut out = BytesMut::new();
         let from = self.next.max(buf.base());
-        let n = buf.encode_batch(from, ack, self.limit, &mut out);
+        let (batch, n) = buf.encode_batch(from, ack, self.limit);
         self.next = from + n as u64;
         self.acked = Some(ack);
-        StreamNext::Batch(out.freeze())
+        StreamNext::Batch(batch)
     }
 }
 
@@ -355,18 +347,18 @@ mod tests {
         let StreamNext::Batch(b) = c.next_batch(&s, 7, false) else {
             panic!("expected a batch")
         };
-        let (h, frames) = decode_batch(&b).unwrap();
+        let (h, frames) = decode_batch(&b.clone().into_bytes()).unwrap();
         assert_eq!((h.ack, h.first_seq, frames.len()), (7, 0, 2));
         let StreamNext::Batch(b) = c.next_batch(&s, 7, false) else {
             panic!("expected a batch")
         };
-        assert_eq!(decode_batch(&b).unwrap().1.len(), 2);
+        assert_eq!(decode_batch(&b.clone().into_bytes()).unwrap().1.len(), 2);
         assert!(matches!(c.next_batch(&s, 7, false), StreamNext::Idle));
         assert!(matches!(c.next_batch(&s, 8, false), StreamNext::AckDue));
         let StreamNext::Batch(b) = c.next_batch(&s, 8, true) else {
             panic!("expected a heartbeat")
         };
-        let (h, frames) = decode_batch(&b).unwrap();
+        let (h, frames) = decode_batch(&b.clone().into_bytes()).unwrap();
         assert_eq!((h.ack, h.first_seq, frames.len()), (8, 4, 0));
         // The peer's ack grows the batch limit.
         s.ack(1).unwrap();
@@ -377,7 +369,7 @@ mod tests {
         let StreamNext::Batch(b) = c.next_batch(&s, 8, false) else {
             panic!("expected a batch")
         };
-        let (h, frames) = decode_batch(&b).unwrap();
+        let (h, frames) = decode_batch(&b.clone().into_bytes()).unwrap();
         assert_eq!((h.first_seq, frames.len()), (1, 3));
     }
 
@@ -387,8 +379,8 @@ mod tests {
         for i in 0..10 {
             s.push(data(i));
         }
-        let mut out = BytesMut::new();
-        let n = s.encode_batch(3, 77, 45, &mut out);
+        let (out, n) = s.encode_batch(3, 77, 45);
+        let out = out.into_bytes();
         assert_eq!(n, 2);
         let (h, frames) = decode_batch(&out).unwrap();
         assert_eq!((h.ack, h.first_seq), (77, 3));
@@ -396,11 +388,11 @@ mod tests {
         assert_eq!(frames[1], (4, data(4)));
 
         // A frame larger than the budget still goes alone, so progress is always possible.
-        let mut out = BytesMut::new();
-        assert_eq!(s.encode_batch(0, 0, 1, &mut out), 1);
+        assert_eq!(s.encode_batch(0, 0, 1).1, 1);
         // Nothing to send: a header-only batch that still carries the ack.
-        let mut out = BytesMut::new();
-        assert_eq!(s.encode_batch(10, 5, 1000, &mut out), 0);
+        let (out, n) = s.encode_batch(10, 5, 1000);
+        let out = out.into_bytes();
+        assert_eq!(n, 0);
         assert_eq!(decode_batch(&out).unwrap().0.first_seq, 10);
     }
 
@@ -420,8 +412,8 @@ mod tests {
                 sender.push(data(produced));
                 produced = produced.wrapping_add(1);
             }
-            let mut out = BytesMut::new();
-            let n = sender.encode_batch(sender.base(), 0, 60, &mut out);
+            let (out, n) = sender.encode_batch(sender.base(), 0, 60);
+            let out = out.into_bytes();
             if n == 0 {
                 continue;
             }
@@ -531,9 +523,9 @@ mod tests {
             }
             // Up to three exchanges in flight, each carrying the next range.
             while in_flight.len() < 3 && sender.has_from(next_send) {
-                let mut out = BytesMut::new();
                 let from = next_send.max(sender.base());
-                let n = sender.encode_batch(from, 0, 50, &mut out);
+                let (out, n) = sender.encode_batch(from, 0, 50);
+                let out = out.into_bytes();
                 next_send = from + n as u64;
                 in_flight.push(decode_batch(&out).unwrap().1);
             }

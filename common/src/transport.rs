@@ -9,18 +9,16 @@
 //! `len:u32 (big-endian) | batch[len]`.
 
 use crate::reliable::StreamNext;
+use crate::wire::Batch;
+use crate::ws::{Event, Role, WsError, WsReader, WsWriter};
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::Stream;
 use std::future::Future;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::futures::Notified;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 /// Bytes of the length prefix before each batch on an HTTP/2 body.
 pub const LEN_PREFIX: usize = 4;
@@ -33,19 +31,6 @@ pub const H2_MAX_FRAME: u32 = 256 << 10;
 
 /// How long an ack with nothing else to send may wait for a batch to ride on.
 pub const ACK_DELAY: Duration = Duration::from_millis(2);
-
-/// The WebSocket settings of an agent link carrying batches of up to `max_batch` bytes. One link
-/// per agent, so its buffers can be large enough to move a batch in a few system calls (but not
-/// larger: tungstenite zeroes its whole read buffer before every read).
-pub fn link_ws_config(max_batch: usize) -> WebSocketConfig {
-    let max = max_message(max_batch);
-    WebSocketConfig::default()
-        .read_buffer_size(64 * 1024)
-        .write_buffer_size(128 * 1024)
-        .max_write_buffer_size(max + 512 * 1024)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max))
-}
 
 /// Largest batch message accepted on a link whose batch size is `max_batch`: a batch may exceed
 /// its target by one frame, and the frame headers come on top.
@@ -66,7 +51,7 @@ pub enum StreamError {
 
 /// Sends whole batches.
 pub trait BatchTx: Send {
-    fn send(&mut self, batch: Bytes) -> impl Future<Output = Result<(), StreamError>> + Send;
+    fn send(&mut self, batch: Batch) -> impl Future<Output = Result<(), StreamError>> + Send;
 }
 
 /// Receives whole batches; `None` when the peer ended the stream cleanly.
@@ -74,67 +59,111 @@ pub trait BatchRx: Send {
     fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, StreamError>> + Send;
 }
 
-/// Splits a WebSocket into batch halves.
-pub fn ws_halves<S>(ws: WebSocketStream<S>) -> (WsTx<S>, WsRx<S>)
+/// Splits the connection of an upgraded WebSocket into batch halves, one batch per message.
+/// `role` is our end; `max_batch` the link's batch size, which bounds what is accepted.
+///
+/// The link speaks WebSocket through [`crate::ws`]: a batch goes out as one frame, written from
+/// its parts with vectored writes (a client masks them into one buffer), and comes in read
+/// whole into one buffer whose frames are decoded in place, so a byte is copied at most once
+/// in user space on the way through. Pings are not answered: neither end sends them (the
+/// link's heartbeats are batches), and a peer that pings is not one of ours.
+pub fn ws_halves<S>(io: S, role: Role, max_batch: usize) -> (WsTx<WriteHalf<S>>, WsRx<ReadHalf<S>>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Send,
 {
-    let (tx, rx) = ws.split();
-    (WsTx(tx), WsRx(rx))
+    let (r, w) = tokio::io::split(io);
+    (
+        WsTx(WsWriter::new(w, role)),
+        WsRx {
+            ws: WsReader::new(r, role, max_message(max_batch) as u64),
+            joined: None,
+        },
+    )
 }
 
-pub struct WsTx<S>(SplitSink<WebSocketStream<S>, Message>);
-pub struct WsRx<S>(SplitStream<WebSocketStream<S>>);
+pub struct WsTx<W>(WsWriter<W>);
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> BatchTx for WsTx<S> {
-    async fn send(&mut self, batch: Bytes) -> Result<(), StreamError> {
+pub struct WsRx<R> {
+    ws: WsReader<R>,
+    /// A message that came in several frames (an intermediary may fragment), joined.
+    joined: Option<BytesMut>,
+}
+
+impl<W: AsyncWrite + Unpin + Send> BatchTx for WsTx<W> {
+    async fn send(&mut self, batch: Batch) -> Result<(), StreamError> {
         self.0
-            .send(Message::Binary(batch))
+            .binary_parts(batch.parts())
             .await
             .map_err(|e| StreamError::Lost(e.to_string()))
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> BatchRx for WsRx<S> {
+impl<R: AsyncRead + Unpin + Send> BatchRx for WsRx<R> {
     async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
         loop {
-            match self.0.next().await {
-                Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
-                Some(Ok(Message::Text(_))) => return Err(StreamError::Text),
-                Some(Ok(Message::Close(_))) | None => return Ok(None),
-                Some(Ok(_)) => continue, // pings are answered by tungstenite
-                Some(Err(e)) => return Err(StreamError::Lost(e.to_string())),
+            match self.ws.next_whole_frame().await {
+                Ok(Event::Data { text: true, .. }) => return Err(StreamError::Text),
+                Ok(Event::Data { fin, payload, .. }) => match (fin, self.joined.take()) {
+                    (true, None) => return Ok(Some(payload)),
+                    (true, Some(mut j)) => {
+                        j.extend_from_slice(&payload);
+                        return Ok(Some(j.freeze()));
+                    }
+                    (false, j) => {
+                        let mut j = j.unwrap_or_default();
+                        j.extend_from_slice(&payload);
+                        self.joined = Some(j);
+                    }
+                },
+                Ok(Event::Close(_)) => return Ok(None),
+                Ok(Event::Ping(_) | Event::Pong(_)) => continue,
+                Err(WsError::TooBig { limit }) => {
+                    return Err(StreamError::Lost(format!(
+                        "peer sent a message over the limit of {limit} bytes"
+                    )))
+                }
+                Err(WsError::Eof) => {
+                    return Err(StreamError::Lost(
+                        "the connection ended without a WebSocket close".into(),
+                    ))
+                }
+                Err(e) => return Err(StreamError::Lost(e.to_string())),
             }
         }
     }
 }
 
 /// The sending half of an HTTP/2 body: batches go, length-prefixed, into a channel that the
-/// HTTP stack drains into DATA frames.
-pub struct ChannelTx(mpsc::Sender<Bytes>);
+/// HTTP stack drains into DATA frames, a batch's parts as they are.
+pub struct ChannelTx(mpsc::Sender<Batch>);
 
 impl ChannelTx {
     /// A sender and the stream of body chunks it feeds, for the HTTP stack to drain.
     pub fn new() -> (Self, impl Stream<Item = Bytes> + Send + 'static) {
-        let (tx, rx) = mpsc::channel::<Bytes>(8);
-        let chunks =
-            futures_util::stream::unfold(
-                rx,
-                |mut rx| async move { rx.recv().await.map(|b| (b, rx)) },
-            );
+        let (tx, rx) = mpsc::channel::<Batch>(8);
+        let chunks = futures_util::stream::unfold(
+            (rx, std::collections::VecDeque::new()),
+            |(mut rx, mut parts)| async move {
+                if parts.is_empty() {
+                    let batch = rx.recv().await?;
+                    let len = (batch.len() as u32).to_be_bytes();
+                    parts.push_back(Bytes::copy_from_slice(&len));
+                    parts.extend(batch.into_parts());
+                }
+                let part = parts.pop_front()?;
+                Some((part, (rx, parts)))
+            },
+        );
         (Self(tx), chunks)
     }
 }
 
 impl BatchTx for ChannelTx {
-    async fn send(&mut self, batch: Bytes) -> Result<(), StreamError> {
-        let len = (batch.len() as u32).to_be_bytes();
-        let closed = || StreamError::Lost("the HTTP/2 stream was closed".into());
+    async fn send(&mut self, batch: Batch) -> Result<(), StreamError> {
         self.0
-            .send(Bytes::copy_from_slice(&len))
+            .send(batch)
             .await
-            .map_err(|_| closed())?;
-        self.0.send(batch).await.map_err(|_| closed())
+            .map_err(|_| StreamError::Lost("the HTTP/2 stream was closed".into()))
     }
 }
 

@@ -216,6 +216,108 @@ impl BatchHeader {
     }
 }
 
+/// Payloads at least this long go out as references to the frame's own bytes; shorter ones are
+/// copied next to the headers, where one more buffer would cost more than the copy.
+pub const GATHER_FROM: usize = 4 * 1024;
+
+/// An encoded batch as the buffers to write one after another: headers and small payloads
+/// share buffers, larger payloads are the frames' own bytes, not copies. A writer hands the
+/// parts to a vectored write (or masks them into one buffer, as a WebSocket client must).
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Batch {
+    /// Bytes in the whole batch.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The buffers, in order.
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    pub fn into_parts(self) -> Vec<Bytes> {
+        self.parts
+    }
+
+    /// The batch as one buffer: no copy when it is one part already, one copy otherwise. For
+    /// bodies that must be one piece (a long-poll exchange).
+    pub fn into_bytes(self) -> Bytes {
+        if self.parts.len() == 1 {
+            return self.parts.into_iter().next().unwrap_or_default();
+        }
+        let mut out = BytesMut::with_capacity(self.len);
+        for p in &self.parts {
+            out.extend_from_slice(p);
+        }
+        out.freeze()
+    }
+}
+
+/// Builds a [`Batch`]: a header, then frames.
+#[derive(Debug)]
+pub struct BatchEncoder {
+    done: Batch,
+    /// Headers and small payloads not yet closed into a part.
+    small: BytesMut,
+}
+
+impl BatchEncoder {
+    pub fn new(header: BatchHeader) -> Self {
+        let mut small = BytesMut::with_capacity(GATHER_FROM);
+        header.encode(&mut small);
+        Self {
+            done: Batch::default(),
+            small,
+        }
+    }
+
+    /// Bytes encoded so far.
+    pub fn len(&self) -> usize {
+        self.done.len + self.small.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn push(&mut self, f: &Frame) {
+        self.small.reserve(FRAME_HEADER_LEN);
+        self.small.put_u8(f.kind as u8);
+        self.small.put_u8(f.flags);
+        self.small.put_u32(f.session);
+        self.small.put_u32(f.payload.len() as u32);
+        if f.payload.len() < GATHER_FROM {
+            self.small.extend_from_slice(&f.payload);
+        } else {
+            self.close_small();
+            self.done.len += f.payload.len();
+            self.done.parts.push(f.payload.clone());
+        }
+    }
+
+    fn close_small(&mut self) {
+        if !self.small.is_empty() {
+            let part = self.small.split().freeze();
+            self.done.len += part.len();
+            self.done.parts.push(part);
+        }
+    }
+
+    pub fn finish(mut self) -> Batch {
+        self.close_small();
+        self.done
+    }
+}
+
 /// Why bytes from the peer were refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
@@ -388,6 +490,35 @@ mod tests {
             f.encode(&mut buf);
         }
         buf
+    }
+
+    #[test]
+    fn gathered_batches_are_the_contiguous_bytes_and_share_large_payloads() {
+        let big = Bytes::from(vec![0xAB; GATHER_FROM]);
+        let mut frames = sample();
+        frames.insert(2, Frame::data(7, false, false, big.clone()));
+        frames.push(Frame::data(9, false, true, big.clone()));
+        let header = BatchHeader {
+            ack: 5,
+            first_seq: 1,
+        };
+        let mut enc = BatchEncoder::new(header);
+        for f in &frames {
+            enc.push(f);
+        }
+        let want = encode(header, &frames);
+        assert_eq!(enc.len(), want.len());
+        let batch = enc.finish();
+        assert_eq!(batch.len(), want.len());
+        // small | big | small | big: the large payloads are parts of their own, not copies.
+        assert_eq!(batch.parts().len(), 4);
+        assert_eq!(batch.parts()[1].as_ptr(), big.as_ptr());
+        assert_eq!(batch.parts()[3].as_ptr(), big.as_ptr());
+        assert_eq!(&batch.clone().into_bytes()[..], &want[..]);
+
+        let lone = BatchEncoder::new(header).finish();
+        assert_eq!(lone.parts().len(), 1, "a batch of no frames is its header");
+        assert_eq!(&lone.into_bytes()[..], &encode(header, &[])[..]);
     }
 
     #[test]

@@ -243,6 +243,28 @@ impl Decoder {
     }
 }
 
+impl Decoder {
+    /// Bytes the data frame at the front of `buf` takes (header and payload), or what is left of
+    /// the one being read: how much a reader must hold to decode it whole. `None` when that is
+    /// not known yet, for control frames (decoded whole anyway), and for a frame over the limit
+    /// (which [`Decoder::decode`] refuses without reading it).
+    pub fn frame_bytes(&self, buf: &[u8]) -> Result<Option<usize>, WsError> {
+        match self.state {
+            State::Payload { remaining, .. } => Ok(usize::try_from(remaining).ok()),
+            State::Header => {
+                let Some((_, opcode, len, _, header_len)) = parse_header(buf)? else {
+                    return Ok(None);
+                };
+                let so_far = self.message.map_or(0, |(_, n)| n);
+                if opcode >= 0x8 || so_far.saturating_add(len) > self.max_message {
+                    return Ok(None);
+                }
+                Ok(usize::try_from(len).ok().map(|l| l + header_len))
+            }
+        }
+    }
+}
+
 /// Parses the frame header at the front of `buf` without consuming it: `(fin, opcode, payload
 /// length, mask, header length)`, or `None` until it is whole.
 #[allow(clippy::type_complexity)]
@@ -443,6 +465,31 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         }
     }
 
+    /// The next event, each data frame whole: its bytes are read into one buffer and its payload
+    /// split off it without a copy. For peers whose messages are units of work (the agent
+    /// link's batches, one frame each), where a piece is of no use alone. The buffer is bounded
+    /// by the decoder's message limit.
+    pub async fn next_whole_frame(&mut self) -> Result<Event, WsError> {
+        loop {
+            let buf = self.src.buffer();
+            if let Some(need) = self.decoder.frame_bytes(buf)? {
+                if buf.len() < need {
+                    buf.reserve(need - buf.len());
+                    if self.src.fill().await? == 0 {
+                        return Err(WsError::Eof);
+                    }
+                    continue;
+                }
+            }
+            if let Some(ev) = self.decoder.decode(self.src.buffer(), usize::MAX)? {
+                return Ok(ev);
+            }
+            if self.src.fill().await? == 0 {
+                return Err(WsError::Eof);
+            }
+        }
+    }
+
     /// Reads and discards whatever the peer still sends, until it closes the connection or
     /// `limit` passes. For the end of a close handshake.
     pub async fn drain(&mut self, limit: std::time::Duration) {
@@ -486,6 +533,36 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
         };
         self.in_message = !fin;
         self.frame(fin, opcode, payload).await
+    }
+
+    /// Sends one whole binary message made of `parts`, in one frame. A server writes the parts
+    /// as they are, with vectored writes; a client masks them into one buffer (one copy, which
+    /// masking needs anyway).
+    pub async fn binary_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {
+        if self.closed || self.in_message {
+            return Err(io::Error::other(
+                "a whole message while another was sent or closed",
+            ));
+        }
+        let len = parts.iter().map(Bytes::len).sum();
+        let mask = (self.role == Role::Client).then(rand::random::<[u8; 4]>);
+        let mut head = BytesMut::with_capacity(14);
+        put_header(&mut head, true, OP_BINARY, len, mask);
+        if let Some(m) = mask {
+            let start = head.len();
+            head.reserve(len);
+            for p in parts {
+                head.extend_from_slice(p);
+            }
+            apply_mask(&mut head[start..], m, 0);
+            self.io.write_all(&head).await?;
+        } else {
+            let mut all = Vec::with_capacity(parts.len() + 1);
+            all.push(&head[..]);
+            all.extend(parts.iter().map(|p| &p[..]));
+            write_all_vectored(&mut self.io, &all).await?;
+        }
+        self.io.flush().await
     }
 
     pub async fn ping(&mut self, payload: &Bytes) -> io::Result<()> {
@@ -535,7 +612,7 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
             head.extend_from_slice(payload);
             self.io.write_all(&head).await?;
         } else {
-            write_all_vectored(&mut self.io, &head, payload).await?;
+            write_all_vectored(&mut self.io, &[&head, payload]).await?;
         }
         self.io.flush().await
     }
@@ -546,25 +623,26 @@ fn control(payload: &Bytes) -> Bytes {
     payload.slice(..payload.len().min(MAX_CONTROL_PAYLOAD))
 }
 
-/// Writes `a` then `b` with vectored writes, without joining them.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    a: &[u8],
-    b: &[u8],
-) -> io::Result<()> {
-    let (mut a, mut b) = (a, b);
-    while !a.is_empty() {
+/// Writes `bufs` one after another with vectored writes, without joining them.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(io: &mut W, bufs: &[&[u8]]) -> io::Result<()> {
+    /// Buffers handed to one system call (the kernel's limit is 1024).
+    const MAX_SLICES: usize = 64;
+    let mut slices: Vec<io::IoSlice<'_>> = bufs
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| io::IoSlice::new(b))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
         let n = io
-            .write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])
+            .write_vectored(&rest[..rest.len().min(MAX_SLICES)])
             .await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        let from_a = n.min(a.len());
-        a = &a[from_a..];
-        b = &b[n - from_a..];
+        io::IoSlice::advance_slices(&mut rest, n);
     }
-    io.write_all(b).await
+    Ok(())
 }
 
 #[cfg(test)]
@@ -838,6 +916,55 @@ mod tests {
             for (i, b) in data.iter().enumerate() {
                 assert_eq!(*b, (i as u8) ^ key[(phase + i) % 4]);
             }
+        }
+    }
+
+    /// Whole messages written from parts arrive whole, in one piece, for both roles, even when
+    /// the connection carries them a few bytes at a time; a frame over the limit is refused
+    /// before its bytes are read.
+    #[tokio::test]
+    async fn whole_frames_from_parts_arrive_in_one_piece() {
+        for role in [Role::Client, Role::Server] {
+            let peer = if role == Role::Client {
+                Role::Server
+            } else {
+                Role::Client
+            };
+            // A pipe smaller than the messages: they arrive in many reads.
+            let (a, b) = tokio::io::duplex(1000);
+            let mut w = WsWriter::new(a, role);
+            let mut r = WsReader::new(b, peer, 300_000);
+            let parts: Vec<Bytes> = (0..5u32)
+                .map(|i| Bytes::from(vec![i as u8; 10_000 * i as usize + 3]))
+                .collect();
+            let want: Vec<u8> = parts.iter().flat_map(|p| p.to_vec()).collect();
+            let writer = tokio::spawn(async move {
+                w.binary_parts(&parts).await.unwrap();
+                w.binary_parts(&[]).await.unwrap();
+                w.ping(&Bytes::from_static(b"p")).await.unwrap();
+                w.binary_parts(&[Bytes::from(vec![7u8; 300_001])]).await
+            });
+            let ev = r.next_whole_frame().await.unwrap();
+            assert_eq!(
+                ev,
+                Event::Data {
+                    text: false,
+                    fin: true,
+                    payload: Bytes::from(want)
+                }
+            );
+            let ev = r.next_whole_frame().await.unwrap();
+            assert!(matches!(ev, Event::Data { fin: true, payload, .. } if payload.is_empty()));
+            assert_eq!(
+                r.next_whole_frame().await.unwrap(),
+                Event::Ping(Bytes::from_static(b"p"))
+            );
+            assert!(matches!(
+                r.next_whole_frame().await,
+                Err(WsError::TooBig { limit: 300_000 })
+            ));
+            drop(r);
+            assert!(writer.await.unwrap().is_err(), "the reader gave up");
         }
     }
 }

@@ -22,7 +22,7 @@ use backhaul_common::reliable::{
     AckBeyondSent, Arrival, RecvState, SendBuffer, SequenceGap, StreamCursor, StreamNext,
 };
 use backhaul_common::wire::{decode_batch, Frame, BATCH_HEADER_LEN};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use std::collections::VecDeque;
 
@@ -127,8 +127,8 @@ fuzz_target!(|data: &[u8]| {
                 let peer_ack = input.u64();
                 let max_bytes = input.u64() as usize;
                 let cut = input.u8().unwrap_or(255);
-                let mut out = BytesMut::new();
-                let n = sender.encode_batch(from, peer_ack, max_bytes, &mut out);
+                let (batch, n) = sender.encode_batch(from, peer_ack, max_bytes);
+                let out = batch.into_bytes();
                 let (h, frames) = decode_batch(&out).expect("encode_batch wrote a bad batch");
                 let start = from.max(base);
                 assert_eq!((h.ack, h.first_seq), (peer_ack, start));
@@ -184,7 +184,7 @@ fuzz_target!(|data: &[u8]| {
                 };
                 match c.next_batch(&sender, receiver.ack(), force) {
                     StreamNext::Batch(b) => {
-                        let (h, frames) = decode_batch(&b).expect("cursor wrote a bad batch");
+                        let (h, frames) = decode_batch(&b.into_bytes()).expect("cursor wrote a bad batch");
                         assert_eq!(h.ack, receiver.ack());
                         assert_eq!(h.first_seq, (*next).max(base));
                         *next = h.first_seq + frames.len() as u64;

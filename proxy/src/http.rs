@@ -7,7 +7,7 @@ use backhaul_common::api::{self, Hello, OpenRequest, Opened, LINKS_PATH, PROTOCO
 use backhaul_common::secret;
 use backhaul_common::session::{pump, FrameSink, WsSide};
 use backhaul_common::transport::ChunkSource;
-use backhaul_common::wire::{BatchReader, Frame, Kind};
+use backhaul_common::wire::{Batch, BatchReader, Frame, Kind};
 use backhaul_common::ws::{switching_protocols, websocket_key, Role};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -18,8 +18,6 @@ use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_tungstenite::tungstenite::protocol::Role as TungsteniteRole;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
@@ -55,8 +53,8 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     resp
 }
 
-fn batch(body: Bytes) -> Response<Body> {
-    let mut resp = Response::new(full(body));
+fn batch(body: Batch) -> Response<Body> {
+    let mut resp = Response::new(PartsBody::new(body).boxed());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(api::BATCH_CONTENT_TYPE),
@@ -64,6 +62,46 @@ fn batch(body: Bytes) -> Response<Body> {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+/// A long-poll answer: a batch's parts, of a length known up front, which hyper writes with
+/// vectored writes instead of one joined buffer.
+struct PartsBody {
+    parts: std::collections::VecDeque<Bytes>,
+    left: u64,
+}
+
+impl PartsBody {
+    fn new(b: Batch) -> Self {
+        Self {
+            left: b.len() as u64,
+            parts: b.into_parts().into(),
+        }
+    }
+}
+
+impl http_body::Body for PartsBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let part = self.parts.pop_front();
+        if let Some(p) = &part {
+            self.left -= p.len() as u64;
+        }
+        std::task::Poll::Ready(part.map(|p| Ok(http_body::Frame::data(p))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
 }
 
 fn hub_error(e: HubError) -> Response<Body> {
@@ -334,7 +372,6 @@ fn agent_websocket(
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hub = ctx.hub.clone();
-    let config = backhaul_common::transport::link_ws_config(hub.cfg.max_batch_bytes);
     ctx.sessions.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -346,13 +383,11 @@ fn agent_websocket(
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
+        let (tx, rx) = backhaul_common::transport::ws_halves(
             TokioIo::new(upgraded),
-            TungsteniteRole::Server,
-            Some(config),
-        )
-        .await;
-        let (tx, rx) = backhaul_common::transport::ws_halves(ws);
+            Role::Server,
+            hub.cfg.max_batch_bytes,
+        );
         crate::stream::serve(hub, start, tx, rx, "WebSocket").await;
     });
     switching_protocols(&key, None)
@@ -426,7 +461,7 @@ async fn push(
     link: &Arc<crate::hub::Link>,
     req: Request<Incoming>,
     limit: usize,
-) -> Result<Bytes, HubError> {
+) -> Result<Batch, HubError> {
     let mut body = IncomingChunks(req.into_body());
     let mut reader = BatchReader::new();
     let mut received = 0usize;

@@ -10,8 +10,8 @@ use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor, St
 use backhaul_common::secret::SecretHash;
 use backhaul_common::session::{new_session, FrameSink, SessionHandle, SessionPeer};
 use backhaul_common::window::{Budget, WindowConfig};
-use backhaul_common::wire::{BatchHeader, BatchReader, Frame, Kind};
-use bytes::{Bytes, BytesMut};
+use backhaul_common::wire::{Batch, BatchEncoder, BatchHeader, BatchReader, Frame, Kind};
+use bytes::Bytes;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -588,7 +588,7 @@ impl Hub {
     /// and makes the polls held until then answer at once, empty; a poll of an older round
     /// (overtaken on the way) answers empty at once. So a range given to a poll that the agent
     /// loses is always given again.
-    pub async fn poll(&self, link: &Arc<Link>, ack: u64, round: u64) -> Result<Bytes, HubError> {
+    pub async fn poll(&self, link: &Arc<Link>, ack: u64, round: u64) -> Result<Batch, HubError> {
         let generation = {
             let mut st = lock(&link.state);
             st.apply_ack(link, ack)?;
@@ -627,15 +627,11 @@ impl Hub {
                 // (once) for the rest of the burst to ride along.
                 let last_held = st.polls_held <= 1;
                 if st.send.has_from(from) && (lingered || !last_held) {
-                    let mut out = BytesMut::new();
-                    let n = st.send.encode_batch(
-                        from,
-                        st.recv.ack(),
-                        self.cfg.max_batch_bytes,
-                        &mut out,
-                    );
+                    let (batch, n) =
+                        st.send
+                            .encode_batch(from, st.recv.ack(), self.cfg.max_batch_bytes);
                     st.poll_next = from + n as u64;
-                    return Ok(out.freeze());
+                    return Ok(batch);
                 }
                 st.send.has_from(from)
             };
@@ -654,14 +650,12 @@ impl Hub {
     }
 
     /// A batch without frames: the relay's ack, and where its next frames start.
-    fn empty_batch(&self, st: &LinkState) -> Bytes {
-        let mut out = BytesMut::new();
-        BatchHeader {
+    fn empty_batch(&self, st: &LinkState) -> Batch {
+        BatchEncoder::new(BatchHeader {
             ack: st.recv.ack(),
             first_seq: st.poll_next.max(st.send.base()),
-        }
-        .encode(&mut out);
-        out.freeze()
+        })
+        .finish()
     }
 
     /// Starts a poll or a stream on `link`: applies the agent's ack and makes any older poll or
@@ -814,15 +808,13 @@ impl Hub {
     }
 
     /// The answer to a push: a batch header carrying the relay's ack for the agent's frames.
-    pub fn push_ack(&self, link: &Arc<Link>) -> Bytes {
+    pub fn push_ack(&self, link: &Arc<Link>) -> Batch {
         let st = lock(&link.state);
-        let mut out = BytesMut::new();
-        BatchHeader {
+        BatchEncoder::new(BatchHeader {
             ack: st.recv.ack(),
             first_seq: st.send.next_seq(),
-        }
-        .encode(&mut out);
-        out.freeze()
+        })
+        .finish()
     }
 
     /// Declares a link dead and forgets it. Its sessions that exchanged nothing over it but the
@@ -1046,13 +1038,13 @@ mod tests {
         ));
     }
 
-    fn frames_of(batch: &Bytes) -> (BatchHeader, Vec<u64>) {
-        let (h, frames) = backhaul_common::wire::decode_batch(batch).unwrap();
+    fn frames_of(batch: &Batch) -> (BatchHeader, Vec<u64>) {
+        let (h, frames) = backhaul_common::wire::decode_batch(&batch.clone().into_bytes()).unwrap();
         (h, frames.into_iter().map(|(seq, _)| seq).collect())
     }
 
     fn push_batch(first_seq: u64, session: u32, count: u64) -> BatchReader {
-        let mut out = BytesMut::new();
+        let mut out = bytes::BytesMut::new();
         BatchHeader { ack: 0, first_seq }.encode(&mut out);
         for _ in 0..count {
             Frame::data(session, false, true, Bytes::from_static(b"x")).encode(&mut out);
