@@ -281,14 +281,16 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
+/// CPU seconds a process has spent: `[user, user + system]`. The kernel's share (system) is
+/// mostly socket reads and writes, the same for any design that carries bytes through user
+/// space; the user share is where designs differ.
+fn cpu_seconds(pid: u32) -> [f64; 2] {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // Fields after the command: state is 0, utime is 11, stime is 12.
-    (ticks(11) + ticks(12)) / 100.0
+    [ticks(11) / 100.0, (ticks(11) + ticks(12)) / 100.0]
 }
 
 fn rss_kib(pid: u32) -> f64 {
@@ -325,8 +327,8 @@ struct Path {
     procs: Vec<(String, u32)>,
     /// MB/s of each bulk transfer kind ([`BULK`]), one entry per round.
     bulk: [Vec<f64>; 4],
-    /// CPU seconds each process spent over all rounds of bulk transfers.
-    cpu: Vec<f64>,
+    /// CPU seconds each process spent over all rounds of bulk transfers: `[user, all]`.
+    cpu: Vec<[f64; 2]>,
 }
 
 /// The bulk transfers of a round: JSON key, connections (1 or `--conns`), upload or download.
@@ -345,7 +347,7 @@ fn bulk_label(many: bool, up: bool, conns: u64) -> String {
 
 impl Path {
     fn new(name: &str, addr: SocketAddr, procs: Vec<(String, u32)>) -> Path {
-        let cpu = vec![0.0; procs.len()];
+        let cpu = vec![[0.0; 2]; procs.len()];
         Path {
             name: name.to_string(),
             addr,
@@ -357,13 +359,16 @@ impl Path {
 
     /// One round of the four bulk transfers, adding to the CPU counts.
     async fn bulk_round(&mut self, o: &Opts) {
-        let before: Vec<f64> = self.procs.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+        let before: Vec<[f64; 2]> = self.procs.iter().map(|(_, p)| cpu_seconds(*p)).collect();
         for (i, (_, many, up)) in BULK.iter().enumerate() {
             let conns = if *many { o.conns } else { 1 };
             self.bulk[i].push(bulk(self.addr, o.bytes, conns, *up).await);
         }
         for (i, (_, p)) in self.procs.iter().enumerate() {
-            self.cpu[i] += cpu_seconds(*p) - before[i];
+            let now = cpu_seconds(*p);
+            for k in 0..2 {
+                self.cpu[i][k] += now[k] - before[i][k];
+            }
         }
     }
 
@@ -375,12 +380,14 @@ impl Path {
         let (seq, seq_rate) = setups(self.addr, o.setups, 1).await;
         let (_, par_rate) = setups(self.addr, o.setups, 32).await;
         let moved_gib = (4 * o.rounds) as f64 * o.bytes as f64 / GIB;
-        let cpu: serde_json::Map<String, Value> = self
-            .procs
-            .iter()
-            .zip(&self.cpu)
-            .map(|((name, _), c)| (name.clone(), json!(c / moved_gib)))
-            .collect();
+        let per_gib = |k: usize| -> serde_json::Map<String, Value> {
+            self.procs
+                .iter()
+                .zip(&self.cpu)
+                .map(|((name, _), c)| (name.clone(), json!(c[k] / moved_gib)))
+                .collect()
+        };
+        let (cpu, cpu_user) = (per_gib(1), per_gib(0));
         let mut v = json!({
             "rtt_p50_us": pct(&r, 0.5),
             "rtt_p99_us": pct(&r, 0.99),
@@ -390,6 +397,7 @@ impl Path {
             "sessions_per_s_sequential": seq_rate,
             "sessions_per_s_32_parallel": par_rate,
             "cpu_s_per_gib": cpu,
+            "cpu_user_s_per_gib": cpu_user,
         });
         for (i, (key, _, _)) in BULK.iter().enumerate() {
             let mut runs = self.bulk[i].clone();
@@ -939,12 +947,15 @@ fn print_tables(v: &Value) {
             f(p, "sessions_per_s_32_parallel")
         );
     }
-    println!("\nCPU seconds per GiB carried");
+    println!("\nCPU seconds per GiB carried (of which in user space)");
     for (name, p) in &paths {
         if let Some(cpu) = p["cpu_s_per_gib"].as_object() {
             let cells: Vec<String> = cpu
                 .iter()
-                .map(|(k, v)| format!("{k} {:.2}", v.as_f64().unwrap_or(0.0)))
+                .map(|(k, v)| {
+                    let user = p["cpu_user_s_per_gib"][k].as_f64().unwrap_or(0.0);
+                    format!("{k} {:.2} ({user:.2})", v.as_f64().unwrap_or(0.0))
+                })
                 .collect();
             println!("{name:<10} | {}", cells.join(" | "));
         }
