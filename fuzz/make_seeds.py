@@ -91,7 +91,7 @@ write("batch_reader", "high-seq", b"\x01\x09" + batch(2**64 - 1, 2**64 - 3, fram
 
 # agent_api_json: base | text
 for name, base, text in [
-    ("hello", 0, {"protocol": 3, "backend_id": "app-1", "agent": "backhaul-agent/0.1.0"}),
+    ("hello", 0, {"protocol": 4, "backend_id": "app-1", "agent": "backhaul-agent/0.1.0"}),
     ("link-info", 0, {"link": "3f2a", "poll_hold_ms": 25000, "window": 1048576,
                       "max_batch_bytes": 1048576, "agent_timeout_ms": 60000}),
     ("open", 1, {"path": "/chat/room?x=1", "headers": [["origin", "https://a.example"]],
@@ -129,7 +129,7 @@ AGENT = "Authorization: Bearer fuzz-agent-token\r\n"
 CLIENT = "Authorization: Bearer fuzz-client-token\r\n"
 UPGRADE = ("Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
-hello = json.dumps({"protocol": 3, "backend_id": "fz", "agent": "fuzz"})
+hello = json.dumps({"protocol": 4, "backend_id": "fz", "agent": "fuzz"})
 for name, req in [
     ("healthz", "GET /healthz HTTP/1.1\r\nHost: r\r\n\r\n"),
     ("session", "GET /b/fz/x?y=1 HTTP/1.1\r\nHost: r\r\n" + CLIENT + UPGRADE

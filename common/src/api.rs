@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the agent protocol spoken by this build. Sent in [`Hello`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Where agents register links; link URLs live below it.
 pub const LINKS_PATH: &str = "/agent/v1/links";
 /// Frontends' WebSocket URLs start with this, followed by the backend ID.

@@ -11,7 +11,7 @@
 //! WebSocket fragments, so no message is ever held whole, whatever its size. Windows start
 //! small and grow to fit the path while a session needs it ([`crate::window`]).
 
-use crate::window::{ReceiveWindow, WindowConfig};
+use crate::window::{ReceiveWindow, WindowConfig, IDLE_RETURN};
 use crate::wire::{Frame, Kind, FLAG_BLOCKED, MAX_CHUNK};
 use crate::ws::{Event, Role, WsReader, WsWriter};
 use std::sync::atomic::Ordering::Relaxed;
@@ -128,6 +128,13 @@ impl SessionHandle {
                 if queued > window {
                     return Err(SessionViolation::WindowExceeded { queued, window });
                 }
+                let _ = self.tx.send(frame);
+                Ok(())
+            }
+            Kind::Return => {
+                frame
+                    .window_credit()
+                    .map_err(|_| SessionViolation::Malformed(Kind::Return))?;
                 let _ = self.tx.send(frame);
                 Ok(())
             }
@@ -314,8 +321,29 @@ where
     };
 
     let reader = async {
+        // Set once the window has held us back: from then on it may have grown, and credit
+        // beyond the initial window goes back after IDLE_RETURN without sending (see
+        // crate::window).
+        let mut may_hold_growth = false;
         loop {
-            let frame = match ws_rx.next(max_piece).await {
+            let next = if may_hold_growth {
+                match tokio::time::timeout(IDLE_RETURN, ws_rx.next(max_piece)).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        let excess = credits.available_permits().saturating_sub(initial as usize);
+                        if let Ok(p) = credits.try_acquire_many(excess as u32) {
+                            if excess > 0 {
+                                p.forget();
+                                sink.send(Frame::window_return(id, excess as u32));
+                            }
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                ws_rx.next(max_piece).await
+            };
+            let frame = match next {
                 Ok(Event::Data { text, fin, payload }) => {
                     sent.fetch_add(payload.len() as u64, Relaxed);
                     Frame::data(id, text, fin, payload)
@@ -358,6 +386,7 @@ where
             let mut frame = frame;
             if credits.available_permits() < max_piece + FRAME_COST {
                 frame.flags |= FLAG_BLOCKED;
+                may_hold_growth = true;
             }
             sink.send(frame);
         }
@@ -394,6 +423,10 @@ where
                         Ok(()) => WriteEnd::Closed(parts),
                         Err(e) => WriteEnd::Lost(e.to_string()),
                     };
+                }
+                Kind::Return => {
+                    window.give_back(frame.window_credit().unwrap_or(0) as usize);
+                    Ok(())
                 }
                 Kind::Open | Kind::Opened | Kind::Window => Ok(()),
             };
@@ -751,6 +784,70 @@ mod tests {
             handle.deliver(Frame::data(5, false, true, Bytes::from_static(b"x"))),
             Err(SessionViolation::WindowExceeded { window: 2000, .. })
         ));
+    }
+
+    /// A sender that was window-limited and then sends nothing for IDLE_RETURN gives back what
+    /// its window grew by; the receiver shrinks the window and the budget is free again.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_sender_gives_back_its_grown_window_and_the_receiver_shrinks() {
+        // The sending side: window-limited, granted growth, then idle.
+        let windows = WindowConfig {
+            initial: 1000,
+            max: 4000,
+            budget: crate::window::Budget::new(1 << 20),
+        };
+        let (handle, sink, _task, mut client) = started_with(&windows, 1 << 20).await;
+        let sent = |sink: &Collect| -> usize {
+            sink.kinds(Kind::Data).iter().map(|f| f.payload.len()).sum()
+        };
+        client
+            .send(Message::Binary(Bytes::from(vec![1u8; 3000])))
+            .await
+            .unwrap();
+        until(|| sent(&sink) == 1000 - FRAME_COST).await;
+        assert!(sink.kinds(Kind::Data)[0].is_blocked());
+        // The receiver grants back the piece and grows the window by as much again: two more
+        // pieces go, and the sender waits for 48 + 16 bytes of credit.
+        handle.deliver(Frame::window(5, 2000)).unwrap();
+        until(|| sent(&sink) == 3 * (1000 - FRAME_COST)).await;
+        handle.deliver(Frame::window(5, 2000)).unwrap();
+        until(|| sent(&sink) == 3000).await;
+        // 2000 - 64 left, of a window of 2000: 936 more than the initial window.
+        assert!(sink.kinds(Kind::Return).is_empty());
+        tokio::time::sleep(crate::window::IDLE_RETURN + Duration::from_millis(1)).await;
+        let returned: Vec<u32> = sink
+            .kinds(Kind::Return)
+            .iter()
+            .map(|f| f.window_credit().unwrap())
+            .collect();
+        assert_eq!(returned, vec![936], "the credit above the initial window goes back");
+
+        // The receiving side: a grown window shrinks by what comes back.
+        let budget = crate::window::Budget::new(1 << 20);
+        let windows = WindowConfig {
+            initial: 1000,
+            max: 4000,
+            budget: budget.clone(),
+        };
+        let (handle, _sink, _task, mut client) = started_with(&windows, 1 << 20).await;
+        let mut blocked = Frame::data(5, false, true, Bytes::from(vec![7u8; 1000 - FRAME_COST]));
+        blocked.flags |= FLAG_BLOCKED;
+        handle.deliver(blocked).unwrap();
+        client.next().await.unwrap().unwrap();
+        until(|| budget.used() == 1000).await;
+        handle.deliver(Frame::window_return(5, 1000)).unwrap();
+        until(|| budget.used() == 0).await;
+        handle
+            .deliver(Frame::data(5, false, true, Bytes::from(vec![7u8; 1000 - FRAME_COST])))
+            .unwrap();
+        assert!(matches!(
+            handle.deliver(Frame::data(5, false, true, Bytes::new())),
+            Err(SessionViolation::WindowExceeded { window: 1000, .. })
+        ));
+        assert_eq!(
+            handle.deliver(Frame::new(Kind::Return, 0, 5, Bytes::from_static(b"x"))),
+            Err(SessionViolation::Malformed(Kind::Return))
+        );
     }
 
     #[tokio::test]

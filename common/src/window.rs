@@ -6,10 +6,21 @@
 //! stacks, with the sender's "blocked" signal of QUIC (STREAM_DATA_BLOCKED) carried as a flag on
 //! the frame that used up its credit (see [`crate::wire::FLAG_BLOCKED`]).
 //!
+//! A grown window costs nothing while the session is idle, but it holds budget that busy
+//! sessions could use. So a sender that has been idle for [`IDLE_RETURN`] with more credit than
+//! the initial window gives the excess back (a RETURN frame), and its receiver shrinks the
+//! window and returns the growth to the budget ([`ReceiveWindow::give_back`]). The next burst
+//! grows it again, doubling each round trip.
+//!
 //! IO-free: the pump asks [`ReceiveWindow::grow`] and grants what it returns.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a sender holding more than the initial window may send nothing before it gives the
+/// excess back.
+pub const IDLE_RETURN: Duration = Duration::from_secs(10);
 
 /// How a process sizes its sessions' windows.
 #[derive(Debug, Clone)]
@@ -125,6 +136,21 @@ impl ReceiveWindow {
     }
 }
 
+impl ReceiveWindow {
+    /// The sender gave back `credit` it no longer needs (see [`crate::wire::Kind::Return`]):
+    /// the window shrinks by it and the growth goes back to the budget, for sessions that need
+    /// it now. A window never shrinks below where it started. Returns the bytes given back.
+    pub fn give_back(&mut self, credit: usize) -> usize {
+        let n = credit.min(self.grown);
+        if n > 0 {
+            self.current.fetch_sub(n, Ordering::AcqRel);
+            self.grown -= n;
+            self.budget.give(n);
+        }
+        n
+    }
+}
+
 impl Drop for ReceiveWindow {
     fn drop(&mut self) {
         self.budget.give(self.grown);
@@ -166,6 +192,23 @@ mod tests {
         drop(a);
         assert_eq!(c.budget.used(), 100);
         assert_eq!(b.grow(), 150);
+    }
+
+    #[test]
+    fn given_back_growth_returns_to_the_budget_and_never_below_the_start() {
+        let c = cfg(100, 10_000, 300);
+        let mut a = ReceiveWindow::new(&c);
+        assert_eq!(a.grow(), 100);
+        assert_eq!(a.grow(), 200);
+        assert_eq!(c.budget.used(), 300);
+        assert_eq!(a.give_back(250), 250);
+        assert_eq!((a.current(), c.budget.used()), (150, 50));
+        // A peer that gives back more than was grown cannot shrink the window below its start.
+        assert_eq!(a.give_back(1000), 50);
+        assert_eq!((a.current(), c.budget.used()), (100, 0));
+        assert_eq!(a.grow(), 100, "it grows again");
+        drop(a);
+        assert_eq!(c.budget.used(), 0);
     }
 
     #[test]

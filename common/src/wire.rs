@@ -54,6 +54,9 @@ pub enum Kind {
     Close = 6,
     /// Flow control: payload is `credit:u32`, bytes of DATA the receiver has consumed.
     Window = 7,
+    /// Flow control, the other way: payload is `credit:u32`, window a sender no longer needs
+    /// (it was idle with a grown window) and gives back; its receiver shrinks the window by it.
+    Return = 8,
 }
 
 impl Kind {
@@ -66,6 +69,7 @@ impl Kind {
             5 => Kind::Pong,
             6 => Kind::Close,
             7 => Kind::Window,
+            8 => Kind::Return,
             _ => return None,
         })
     }
@@ -132,6 +136,16 @@ impl Frame {
         )
     }
 
+    /// Gives `credit` bytes of window back to the session's receiver (see [`Kind::Return`]).
+    pub fn window_return(session: u32, credit: u32) -> Self {
+        Self::new(
+            Kind::Return,
+            0,
+            session,
+            Bytes::copy_from_slice(&credit.to_be_bytes()),
+        )
+    }
+
     pub fn is_text(&self) -> bool {
         self.flags & FLAG_TEXT != 0
     }
@@ -162,7 +176,7 @@ impl Frame {
         Ok(Some((code, reason)))
     }
 
-    /// Decodes a WINDOW payload.
+    /// Decodes a WINDOW or RETURN payload.
     pub fn window_credit(&self) -> Result<u32, WireError> {
         let bytes: [u8; 4] = self
             .payload

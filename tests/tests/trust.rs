@@ -26,7 +26,7 @@ use tokio::sync::RwLock;
 use tokio::time::{timeout, Instant};
 
 /// The agent protocol version the relay speaks (docs/protocol.md).
-const AGENT_PROTOCOL: u32 = 3;
+const AGENT_PROTOCOL: u32 = 4;
 const MIB: u64 = 1 << 20;
 
 // Secrets of two sites sharing one relay. The relay is only ever given their hashes.
