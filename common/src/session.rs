@@ -11,15 +11,16 @@
 //! WebSocket fragments, so no message is ever held whole, whatever its size. Windows start
 //! small and grow to fit the path while a session needs it ([`crate::window`]).
 
-use crate::window::{ReceiveWindow, WindowConfig, IDLE_RETURN};
+pub use crate::window::SessionViolation;
+use crate::window::{SessionFlow, Spend, WindowConfig, IDLE_RETURN};
 use crate::wire::{Frame, Kind, FLAG_BLOCKED, MAX_CHUNK};
 use crate::ws::{Event, Role, WsReader, WsWriter};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// How long to wait for the WebSocket peer's answer after we send a Close.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(5);
@@ -30,27 +31,27 @@ pub trait FrameSink: Send + Sync + 'static {
     fn send(&self, frame: Frame);
 }
 
-/// A frame from the link broke the session's rules; the session must be dropped.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SessionViolation {
-    #[error("peer sent {queued} bytes of DATA against a window of {window}")]
-    WindowExceeded { queued: usize, window: usize },
-    #[error("peer granted {credit} bytes of window, more than it could have consumed")]
-    CreditOverflow { credit: u32 },
-    #[error("malformed {0:?} frame")]
-    Malformed(Kind),
+/// A session's flow control, shared by the link's side and the pump. Lock order: a caller may
+/// take this lock while holding the link's, never the other way round, so nothing is sent to
+/// the link while it is held.
+#[derive(Debug)]
+struct Flow {
+    state: Mutex<SessionFlow>,
+    /// Wakes the pump's reader when credit arrives or the session ends.
+    credit: Notify,
+}
+
+impl Flow {
+    fn lock(&self) -> MutexGuard<'_, SessionFlow> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The link's side of a session: where the link hands the frames it receives for it.
 #[derive(Debug)]
 pub struct SessionHandle {
     tx: mpsc::UnboundedSender<Frame>,
-    credits: Arc<Semaphore>,
-    queued: Arc<AtomicUsize>,
-    /// Our receive window's current size (it grows; see [`crate::window`]).
-    window: Arc<AtomicUsize>,
-    /// The most credit the peer can have granted us: its windows grow to this at most.
-    max_credit: usize,
+    flow: Arc<Flow>,
     /// Told about the session's first OPENED or CLOSE, for a side that waits for the far end
     /// to accept before it answers its own client (the relay, when subprotocols are offered).
     accepted: std::sync::Mutex<Option<oneshot::Sender<Frame>>>,
@@ -61,10 +62,9 @@ pub struct SessionHandle {
 pub struct SessionPeer {
     id: u32,
     rx: mpsc::UnboundedReceiver<Frame>,
-    credits: Arc<Semaphore>,
-    queued: Arc<AtomicUsize>,
-    window: ReceiveWindow,
-    initial: u32,
+    flow: Arc<Flow>,
+    /// Largest piece of a message the pump sends in one frame.
+    max_piece: usize,
 }
 
 /// Creates the two sides of session `id`, with windows each way sized by `windows` (both ends
@@ -73,25 +73,23 @@ pub fn new_session(id: u32, windows: &WindowConfig) -> (SessionHandle, SessionPe
     // Unbounded in type only: DATA is bounded by the window (checked in `deliver`), and the
     // control frames a well-behaved peer sends are bounded by the DATA they answer.
     let (tx, rx) = mpsc::unbounded_channel();
-    let credits = Arc::new(Semaphore::new(windows.initial as usize));
-    let queued = Arc::new(AtomicUsize::new(0));
-    let window = ReceiveWindow::new(windows);
+    // A piece and its frame cost never exceed the window, or its credit could never be granted.
+    let max_piece = MAX_CHUNK.min(windows.initial as usize - FRAME_COST);
+    let flow = Arc::new(Flow {
+        state: Mutex::new(SessionFlow::new(windows, max_piece + FRAME_COST)),
+        credit: Notify::new(),
+    });
     (
         SessionHandle {
             tx,
-            credits: credits.clone(),
-            queued: queued.clone(),
-            window: window.shared(),
-            max_credit: windows.max.max(windows.initial) as usize,
+            flow: flow.clone(),
             accepted: std::sync::Mutex::new(None),
         },
         SessionPeer {
             id,
             rx,
-            credits,
-            queued,
-            window,
-            initial: windows.initial,
+            flow,
+            max_piece,
         },
     )
 }
@@ -111,30 +109,20 @@ impl SessionHandle {
             }
         }
         match frame.kind {
-            Kind::Window => {
+            Kind::Window | Kind::Return => {
                 let credit = frame
                     .window_credit()
-                    .map_err(|_| SessionViolation::Malformed(Kind::Window))?;
-                if self.credits.available_permits() + credit as usize > self.max_credit {
-                    return Err(SessionViolation::CreditOverflow { credit });
+                    .map_err(|_| SessionViolation::Malformed(frame.kind))?;
+                if frame.kind == Kind::Return {
+                    self.flow.lock().give_back(credit);
+                } else {
+                    self.flow.lock().credit(credit)?;
+                    self.flow.credit.notify_one();
                 }
-                self.credits.add_permits(credit as usize);
                 Ok(())
             }
             Kind::Data | Kind::Ping | Kind::Pong => {
-                let cost = window_cost(&frame);
-                let queued = self.queued.fetch_add(cost, Ordering::AcqRel) + cost;
-                let window = self.window.load(Ordering::Acquire);
-                if queued > window {
-                    return Err(SessionViolation::WindowExceeded { queued, window });
-                }
-                let _ = self.tx.send(frame);
-                Ok(())
-            }
-            Kind::Return => {
-                frame
-                    .window_credit()
-                    .map_err(|_| SessionViolation::Malformed(Kind::Return))?;
+                self.flow.lock().arrive(window_cost(&frame))?;
                 let _ = self.tx.send(frame);
                 Ok(())
             }
@@ -157,7 +145,8 @@ impl SessionHandle {
     /// (a CLOSE or an abort) and stops waiting for window.
     pub fn terminate(&self, frame: Frame) {
         let _ = self.tx.send(frame);
-        self.credits.close();
+        self.flow.lock().close();
+        self.flow.credit.notify_one();
     }
 
     /// Whether the pump has finished.
@@ -294,48 +283,43 @@ where
     let SessionPeer {
         id,
         mut rx,
-        credits,
-        queued,
-        mut window,
-        initial,
+        flow,
+        max_piece,
     } = peer;
     let (r, w) = tokio::io::split(io);
     let mut ws_rx = WsReader::new(r, side.role, side.max_message);
     let ws_tx = tokio::sync::Mutex::new(WsWriter::new(w, side.role));
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-    // A piece and its frame cost never exceed the window, or its credit could never be granted.
-    let max_piece = MAX_CHUNK.min(initial as usize - FRAME_COST);
 
+    // Waits until the credit covers `cost` and spends it; `None` once the session is over, else
+    // whether the frame leaves the sender window-limited.
     let spend = |cost: usize| {
-        let credits = &credits;
+        let flow = &flow;
         async move {
-            match credits.acquire_many(cost as u32).await {
-                Ok(p) => {
-                    p.forget();
-                    true
+            loop {
+                let credit = flow.credit.notified();
+                match flow.lock().spend(cost) {
+                    Spend::Go { blocked } => return Some(blocked),
+                    Spend::Closed => return None,
+                    Spend::Wait => {}
                 }
-                Err(_) => false,
+                credit.await;
             }
         }
     };
 
     let reader = async {
-        // Set once the window has held us back: from then on it may have grown, and credit
-        // beyond the initial window goes back after IDLE_RETURN without sending (see
-        // crate::window).
-        let mut may_hold_growth = false;
         loop {
-            let next = if may_hold_growth {
+            // Once the window may have grown, credit beyond the initial window goes back after
+            // IDLE_RETURN without sending (see crate::window).
+            let next = if flow.lock().may_hold_growth() {
                 match tokio::time::timeout(IDLE_RETURN, ws_rx.next(max_piece)).await {
                     Ok(next) => next,
                     Err(_) => {
-                        let excess = credits.available_permits().saturating_sub(initial as usize);
-                        if let Ok(p) = credits.try_acquire_many(excess as u32) {
-                            if excess > 0 {
-                                p.forget();
-                                sink.send(Frame::window_return(id, excess as u32));
-                            }
+                        let returned = flow.lock().idle();
+                        if let Some(credit) = returned {
+                            sink.send(Frame::window_return(id, credit));
                         }
                         continue;
                     }
@@ -378,31 +362,24 @@ where
                     };
                 }
             };
-            if !spend(window_cost(&frame)).await {
+            let Some(blocked) = spend(window_cost(&frame)).await else {
                 return ReadEnd::Terminated;
-            }
+            };
             // Too little credit left for another full piece: say so, so that a receiver that
             // keeps up can grow the window (see crate::window).
             let mut frame = frame;
-            if credits.available_permits() < max_piece + FRAME_COST {
+            if blocked {
                 frame.flags |= FLAG_BLOCKED;
-                may_hold_growth = true;
             }
             sink.send(frame);
         }
     };
 
     let writer = async {
-        let mut consumed = 0usize;
         loop {
             let Some(frame) = rx.recv().await else {
                 return WriteEnd::LinkGone;
             };
-            let cost = window_cost(&frame);
-            if cost > 0 {
-                queued.fetch_sub(cost, Ordering::AcqRel);
-                consumed += cost;
-            }
             let mut ws = ws_tx.lock().await;
             let result = match frame.kind {
                 Kind::Data => {
@@ -424,29 +401,20 @@ where
                         Err(e) => WriteEnd::Lost(e.to_string()),
                     };
                 }
-                Kind::Return => {
-                    window.give_back(frame.window_credit().unwrap_or(0) as usize);
-                    Ok(())
-                }
-                Kind::Open | Kind::Opened | Kind::Window => Ok(()),
+                Kind::Open | Kind::Opened | Kind::Window | Kind::Return => Ok(()),
             };
             drop(ws);
             if let Err(e) = result {
                 sink.send(Frame::abort(id, "connection lost"));
                 return WriteEnd::Lost(e.to_string());
             }
-            // Credit goes back once the bytes are written, so a slow reader slows its writer. A
-            // sender that is waiting for it while we have written everything it sent gets it at
-            // once, with the window grown: the path, not our reader, is what holds it back.
-            let mut grant = 0;
-            if frame.is_blocked() && queued.load(Ordering::Acquire) == 0 {
-                grant = consumed + window.grow();
-            } else if consumed >= (window.current() / 4).max(1) {
-                grant = consumed;
-            }
-            if grant > 0 {
-                sink.send(Frame::window(id, grant as u32));
-                consumed = 0;
+            // Credit goes back once the bytes are written (see SessionFlow::written).
+            let cost = window_cost(&frame);
+            let grant = (cost > 0)
+                .then(|| flow.lock().written(cost, frame.is_blocked()))
+                .flatten();
+            if let Some(grant) = grant {
+                sink.send(Frame::window(id, grant));
             }
         }
     };
@@ -482,7 +450,7 @@ where
         };
         (ending, read_end)
     };
-    credits.close();
+    flow.lock().close();
     let mut ws = ws_tx.into_inner();
     match &ending {
         Ending::LocalClose(c) if !ws.is_closed() => {
@@ -820,7 +788,11 @@ mod tests {
             .iter()
             .map(|f| f.window_credit().unwrap())
             .collect();
-        assert_eq!(returned, vec![936], "the credit above the initial window goes back");
+        assert_eq!(
+            returned,
+            vec![936],
+            "the credit above the initial window goes back"
+        );
 
         // The receiving side: a grown window shrinks by what comes back.
         let budget = crate::window::Budget::new(1 << 20);
@@ -838,7 +810,12 @@ mod tests {
         handle.deliver(Frame::window_return(5, 1000)).unwrap();
         until(|| budget.used() == 0).await;
         handle
-            .deliver(Frame::data(5, false, true, Bytes::from(vec![7u8; 1000 - FRAME_COST])))
+            .deliver(Frame::data(
+                5,
+                false,
+                true,
+                Bytes::from(vec![7u8; 1000 - FRAME_COST]),
+            ))
             .unwrap();
         assert!(matches!(
             handle.deliver(Frame::data(5, false, true, Bytes::new())),
