@@ -11,6 +11,7 @@
 
 pub mod body;
 pub mod link;
+pub mod longpoll;
 pub mod transport;
 
 use anyhow::Context;

@@ -6,6 +6,10 @@
 //! `common::reliable`).
 
 use crate::body;
+use crate::longpoll::{
+    Poll, PollEnd, PollPlan, PushEnd, PushPlan, Retry, BUSY_POLLS, MIN_PUSH_BATCH, RETRY_INITIAL,
+    RETRY_MAX,
+};
 use crate::transport::{Ended, Ladder, Next, Transport};
 use crate::{Clients, Config};
 use backhaul_common::api::{LinkInfo, OpenRequest, Opened};
@@ -40,20 +44,8 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// The slowest a push body may cross, in bytes per second, before it is given up (1 Mbit/s;
 /// on slower paths, pushes shrink until they fit).
 const MIN_PUSH_RATE: usize = 128 * 1024;
-/// Retry delays for a poll or push that failed twice in a row (the first retry is immediate).
-const RETRY_INITIAL: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(2);
-/// Polls held while the link is quiet, and at most while the relay fills them; pushes in flight
-/// at most. Each is one HTTP exchange of its own, as strict proxies need.
-const QUIET_POLLS: usize = 2;
-const BUSY_POLLS: usize = 4;
-const MAX_PUSHES: usize = 4;
 /// Kept connections closed under a request after which polls and pushes stop keeping them.
 const FRESH_AFTER_CLOSES: u32 = 3;
-/// Exchanges cut half-way in a row that are retried at once before backing off.
-const QUICK_CUTS: u32 = 16;
-/// Smallest push batch the agent shrinks to after failed pushes.
-const MIN_PUSH_BATCH: usize = 16 * 1024;
 /// Longest the relay may take to accept a stream.
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Shortest limit [`within_relay_patience`] sets.
@@ -587,123 +579,71 @@ impl Link {
         limit: usize,
         tracker: &TaskTracker,
     ) -> Spell {
-        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let hold = Duration::from_millis(self.info.poll_hold_ms);
-        // Polls go in rounds (see the relay's `Hub::poll`): a new round makes the relay send
-        // again from our ack. One starts with each long-poll spell and after each lost poll.
-        let mut round = self.next_poll_round();
-        let mut busy = false;
-        let mut paused: Option<Instant> = None;
-        // Polls of this round in flight. Those of older rounds finish on their own (the relay
-        // answers them empty) and hold no place.
-        let mut live = 0;
-        // On a path that cuts connections, polls in flight would be cut together and their
-        // ranges sent again: after a loss one poll at a time, one more after each that got through.
-        let mut allowed = BUSY_POLLS;
-        // Since when frames wait past a hole, and how long polls that bring frames take
-        // (smoothed): a hole older than a few of those means the poll that carried its frames
-        // is stuck (a stalled connection), so a new round has them sent again at once rather
-        // than after that poll's timeout.
-        let mut hole_since: Option<Instant> = None;
-        let mut srtt: Option<Duration> = None;
-        // Polls cut before they brought anything, since the last that did: retried at once
-        // (a path that cuts connections), up to QUICK_CUTS.
-        let mut quick_cuts = 0;
+        // A new round with each long-poll spell (see longpoll::PollPlan).
+        let mut plan = PollPlan::new(
+            self.next_poll_round(),
+            hold,
+            self.info.max_batch_bytes as usize,
+        );
         let mut polls = FuturesUnordered::new();
         loop {
-            let target = if busy { BUSY_POLLS } else { QUIET_POLLS }.min(allowed);
-            while paused.is_none() && live < target && polls.len() < 2 * BUSY_POLLS {
+            for _ in 0..plan.to_start(polls.len()) {
                 let ack = lock(reorder).ack();
+                let round = plan.started();
                 let url = format!("{}/poll?ack={ack}&round={round}", self.url);
                 let req = self.request(self.h1().get(url).timeout(hold + self.grace()));
                 let poll = self.poll_once(req, reorder, limit, tracker);
-                let sent_in = round;
                 let started = Instant::now();
-                polls.push(async move { (poll.await, sent_in, started) });
-                live += 1;
+                polls.push(async move { (poll.await, round, started) });
             }
-            let rto = srtt.map_or(hold, |d| (d * 3 + Duration::from_millis(100)).min(hold));
-            let ((outcome, received), sent_in, started) = tokio::select! {
+            let ((outcome, received), round, started) = tokio::select! {
                 Some(r) = polls.next() => r,
-                _ = sleep_until_some(paused) => {
-                    paused = None;
-                    continue;
-                }
-                _ = sleep_until_some(hole_since.map(|t| t + rto)) => {
-                    let ack = lock(reorder).ack();
-                    debug!("frames waited past a hole for {rto:?}; asking the relay to send again from frame {ack}");
-                    // A new round: polls of the old one hold no place, and one goes at first.
-                    (round, live, allowed) = (self.next_poll_round(), 0, 1);
-                    hole_since = Some(Instant::now());
+                _ = sleep_until_some(plan.timer()) => {
+                    if plan.on_timer(Instant::now()) {
+                        let ack = lock(reorder).ack();
+                        debug!("frames waited past a hole for {:?}; asking the relay to send again from frame {ack}", plan.hole_timeout());
+                        plan.new_round(self.next_poll_round());
+                    }
                     continue;
                 }
                 _ = self.done.cancelled() => return Spell::Shutdown,
             };
-            if received > backhaul_common::wire::BATCH_HEADER_LEN {
-                let took = started.elapsed();
-                srtt = Some(srtt.map_or(took, |s| (s * 7 + took) / 8));
-            }
-            let current = sent_in == round;
-            if current {
-                live -= 1;
-            }
             let (ack, resend, hole) = {
                 let mut r = lock(reorder);
                 (r.ack(), r.take_resend(), r.has_hole())
             };
             self.down_ack.store(ack, Ordering::Release);
-            busy = received >= self.info.max_batch_bytes as usize / 2;
-            if !hole {
-                hole_since = None;
-            } else if hole_since.is_none() {
-                hole_since = Some(Instant::now());
-            }
-            let lost = match outcome {
-                PollOutcome::Progress => {
-                    backoff.reset();
-                    quick_cuts = 0;
-                    allowed = (allowed + 1).min(BUSY_POLLS);
-                    None
-                }
+            let (end, why) = match outcome {
                 PollOutcome::LinkGone(why) => return Spell::LinkGone(why),
+                PollOutcome::Progress => (PollEnd::Progress, None),
                 // Its whole frames were taken in; the rest must come again.
-                PollOutcome::Cut(why) => {
-                    backoff.reset();
-                    quick_cuts = 0;
-                    Some(why)
-                }
-                PollOutcome::CutEarly(why) => {
-                    if current {
-                        paused = self.after_cut(&mut backoff, &mut quick_cuts, "poll", &why);
-                    }
-                    Some(why)
-                }
-                PollOutcome::Failed(why) => {
-                    if current {
-                        paused = self.pause_after(&mut backoff, "poll", &why);
-                    }
-                    Some(why)
-                }
+                PollOutcome::Cut(why) => (PollEnd::Cut, Some(why)),
+                PollOutcome::CutEarly(why) => (PollEnd::CutEarly, Some(why)),
+                PollOutcome::Failed(why) => (PollEnd::Failed, Some(why)),
             };
-            // A poll of an older round lost nothing: the relay gave its range again, or none.
-            let restart = match lost {
-                Some(why) if current => {
+            let now = Instant::now();
+            let poll = Poll {
+                round,
+                started,
+                end,
+                received,
+            };
+            let v = plan.finished(poll, hole, resend, now);
+            match (&why, v.current) {
+                (Some(why), true) => {
+                    log_retry("poll", why, v.retry);
                     debug!("poll lost ({why}); asking the relay to send again from frame {ack}");
-                    true
                 }
-                Some(why) => {
-                    debug!("an overtaken poll ended ({why})");
-                    false
-                }
+                (Some(why), false) => debug!("an overtaken poll ended ({why})"),
                 // Frames were dropped for lack of room.
-                None if resend => {
-                    debug!("asking the relay to send again from frame {ack}");
-                    true
+                (None, _) if v.restart => {
+                    debug!("asking the relay to send again from frame {ack}")
                 }
-                None => false,
-            };
-            if restart {
-                (round, live, allowed) = (self.next_poll_round(), 0, 1);
+                (None, _) => {}
+            }
+            if v.restart {
+                plan.new_round(self.next_poll_round());
             }
         }
     }
@@ -801,43 +741,25 @@ impl Link {
     /// Sends our frames over pushes, up to [`MAX_PUSHES`] in flight, each with the next range
     /// of frames. The relay holds a push that overtook an earlier one until that one arrives;
     /// after a failed push, or one the relay answered without taking all of it in, sending
-    /// starts again from the relay's ack.
+    /// starts again from the relay's ack (see longpoll::PushPlan).
     async fn push_loop(self: &Arc<Self>) -> Spell {
-        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
-        let max_batch = self.info.max_batch_bytes as usize;
-        // Shrinks after failures so pushes get through paths that cut long requests, and grows
-        // back after successes.
-        let mut batch_limit = max_batch;
-        // The next frame to send; below the acked base means "from the base".
-        let mut next = 0u64;
-        let mut paused: Option<Instant> = None;
-        // As for polls: one push at a time after a loss, one more after each success.
-        let mut allowed = MAX_PUSHES;
-        let mut quick_cuts = 0;
-        // When each push in flight started, and how long pushes take (smoothed): the oldest
-        // pending for three times that, plus 100 ms, is taken as stuck on a stalled connection,
-        // and what it carried is sent again (as polls do with holes).
-        let mut started: std::collections::BTreeMap<u64, Instant> = Default::default();
-        let mut push_id = 0u64;
-        let mut srtt: Option<Duration> = None;
-        // After a loss every push in flight is dropped (sending starts again from the relay's
-        // ack), so the pushes here are always those sent since the last loss: one failing after
-        // another has failed cannot be, and failures never count twice.
+        let mut plan = PushPlan::new(self.info.max_batch_bytes as usize);
+        // Dropped whenever the plan declares the pushes in flight lost.
         let mut pushes = FuturesUnordered::new();
         loop {
             let notified = self.out_notify.notified();
-            while paused.is_none() && pushes.len() < allowed {
+            while plan.may_start() {
+                let (from, limit) = plan.next_range();
                 let (body, end) = {
                     let out = lock(&self.out);
-                    let from = next.max(out.base());
+                    let from = from.max(out.base());
                     if !out.has_from(from) {
                         break;
                     }
                     // A push body is one buffer: a proxy may need its length up front.
                     let (batch, n) =
-                        out.encode_batch(from, self.down_ack.load(Ordering::Acquire), batch_limit);
-                    next = from + n as u64;
-                    (batch.into_bytes(), next)
+                        out.encode_batch(from, self.down_ack.load(Ordering::Acquire), limit);
+                    (batch.into_bytes(), from + n as u64)
                 };
                 let req = self.request(
                     self.h1()
@@ -850,77 +772,45 @@ impl Link {
                         .body(body),
                 );
                 let push = self.push_once(req, end);
-                push_id += 1;
-                let id = push_id;
-                started.insert(id, Instant::now());
+                let id = plan.started(end, Instant::now());
                 pushes.push(async move { (push.await, id) });
             }
-            let stuck_after = srtt.map(|d| d * 3 + Duration::from_millis(100));
-            let oldest = started.values().next().copied();
-            let stuck_at = oldest.zip(stuck_after).map(|(t, d)| t + d);
-            let finished = tokio::select! {
-                Some(o) = pushes.next() => Some(o),
-                _ = notified, if pushes.len() < allowed => continue,
-                _ = sleep_until_some(paused) => {
-                    paused = None;
+            let (outcome, id) = tokio::select! {
+                Some(o) = pushes.next() => o,
+                _ = notified, if plan.has_room() => continue,
+                _ = sleep_until_some(plan.timer()) => {
+                    if plan.on_timer(Instant::now()) {
+                        debug!(
+                            "a push is stuck (pending over {:?}); sending again from the relay's ack",
+                            plan.stuck_after().unwrap_or_default()
+                        );
+                        pushes.clear();
+                    }
                     continue;
                 }
-                _ = sleep_until_some(stuck_at) => None,
                 _ = self.done.cancelled() => return Spell::Shutdown,
             };
-            // None: the oldest push is stuck.
-            let outcome = finished.map(|(outcome, id)| {
-                if let Some(t) = started.remove(&id) {
-                    if matches!(outcome, PushOutcome::Taken { all: true }) {
-                        let took = t.elapsed();
-                        srtt = Some(srtt.map_or(took, |s| (s * 7 + took) / 8));
-                    }
-                }
-                outcome
-            });
-            let lost = match outcome {
-                None => {
-                    debug!(
-                        "a push is stuck (pending over {:?}); sending again from the relay's ack",
-                        stuck_after.unwrap_or_default()
-                    );
-                    true
-                }
-                Some(PushOutcome::Taken { all }) => {
-                    backoff.reset();
-                    quick_cuts = 0;
-                    allowed = (allowed + 1).min(MAX_PUSHES);
-                    batch_limit = (batch_limit * 2).min(max_batch);
-                    // Answered before its turn came: what it carried goes again.
-                    !all
-                }
-                Some(PushOutcome::LinkGone(why)) => return Spell::LinkGone(why),
-                Some(PushOutcome::Cut(why)) => {
-                    batch_limit = (batch_limit / 2).max(MIN_PUSH_BATCH);
-                    paused = self.after_cut(&mut backoff, &mut quick_cuts, "push", &why);
-                    true
-                }
-                Some(PushOutcome::Failed(why)) => {
-                    batch_limit = (batch_limit / 2).max(MIN_PUSH_BATCH);
-                    paused = self.pause_after(&mut backoff, "push", &why);
-                    true
-                }
+            let (end, why) = match outcome {
+                PushOutcome::LinkGone(why) => return Spell::LinkGone(why),
+                PushOutcome::Taken { all } => (PushEnd::Taken { all }, None),
+                PushOutcome::Cut(why) => (PushEnd::Cut, Some(why)),
+                PushOutcome::Failed(why) => (PushEnd::Failed, Some(why)),
             };
+            let (lost, retry) = plan.finished(id, end, Instant::now());
+            if let Some(why) = &why {
+                log_retry("push", why, retry);
+            }
             if lost {
-                next = 0;
-                allowed = 1;
                 // Sending starts again from the relay's ack: the pushes in flight carry nothing
                 // that will not go again, and one stalled on a dead connection would only hold
                 // its place until its timeout.
                 pushes.clear();
-                started.clear();
             }
         }
     }
 
-    /// After a failed poll or push, with others still in flight: the first retry goes at once
-    /// (a proxy cutting a connection is routine), later ones wait with jittered backoff, until
-    /// the instant returned.
+    /// After a failed connection: the first retry goes at once (a proxy cutting a connection
+    /// is routine), later ones wait with jittered backoff, until the instant returned.
     fn pause_after(&self, backoff: &mut Backoff, what: &str, why: &str) -> Option<Instant> {
         if backoff.attempts() == 0 {
             debug!("{what} failed ({why}); retrying at once");
@@ -932,24 +822,7 @@ impl Link {
         Some(Instant::now() + d)
     }
 
-    /// After a poll or push cut half-way on an established connection (a path that breaks
-    /// exchanges): retried at once up to [`QUICK_CUTS`] in a row, then paused like a failure.
-    fn after_cut(
-        &self,
-        backoff: &mut Backoff,
-        quick_cuts: &mut u32,
-        what: &str,
-        why: &str,
-    ) -> Option<Instant> {
-        *quick_cuts += 1;
-        if *quick_cuts > QUICK_CUTS {
-            return self.pause_after(backoff, what, why);
-        }
-        debug!("{what} cut ({why}); sending again at once");
-        None
-    }
-
-    /// After a failed poll or push: the first retry goes at once (a proxy cutting a connection
+    /// After a failed connection: the first retry goes at once (a proxy cutting a connection
     /// is routine), later ones wait with jittered backoff. False if the link ended meanwhile.
     async fn pause_after_failure(&self, backoff: &mut Backoff, what: &str, why: &str) -> bool {
         let Some(until) = self.pause_after(backoff, what, why) else {
@@ -1199,6 +1072,16 @@ impl PollOutcome {
 /// proxies and NATs do), rather than failing to connect or timing out.
 fn cut_mid_way(e: &reqwest::Error) -> bool {
     !e.is_connect() && !e.is_timeout() && (e.is_request() || e.is_body())
+}
+
+/// Logs how a failed poll or push goes again.
+fn log_retry(what: &str, why: &str, retry: Option<Retry>) {
+    match retry {
+        Some(Retry::AtOnce) => debug!("{what} failed ({why}); retrying at once"),
+        Some(Retry::AfterCut) => debug!("{what} cut ({why}); sending again at once"),
+        Some(Retry::Paused(d)) => warn!("{what} to relay failed ({why}); retrying in {d:?}"),
+        None => {}
+    }
 }
 
 /// Completes at `at`, or never.
