@@ -3,15 +3,19 @@
 //! HTTP/1.1 long-poll GET and POST requests that pass the strictest forward proxies); for each
 //! session the relay hands it, it dials the backend's WebSocket.
 //!
-//! - [`transport`]: the transports and the order `--transport auto` tries them in;
-//! - [`link`]: one registration with the relay, the transport loops that carry its frames, and
+//! - [`transport`]: the transports, and the ladder `--transport auto` moves along (IO-free);
+//! - [`link`]: one registration with the relay: runs the ladder, hands the relay's frames to
 //!   its sessions (each session dials the backend's WebSocket with `common::dial`);
+//! - [`stream`]: the link over a WebSocket or an HTTP/2 stream;
+//! - [`longpoll`]: the link over polls and pushes; when they go is decided by its IO-free
+//!   [`longpoll::PollPlan`] and [`longpoll::PushPlan`];
 //! - [`body`]: the relay's answers, read up to a stated limit and no further.
 #![forbid(unsafe_code)]
 
 pub mod body;
 pub mod link;
 pub mod longpoll;
+pub mod stream;
 pub mod transport;
 
 use anyhow::Context;
