@@ -5,6 +5,7 @@
 //! | [`wire`]    | the agent link's binary frames and batches: encode/decode, no IO               |
 //! | [`reliable`]| per-direction sequence numbers, acknowledgements and the retransmit buffer     |
 //! | [`session`] | one session between a WebSocket and the link, with per-session flow control |
+//! | [`tcp_peer`] | a TCP connection as a session's peer, for an agent that reaches a TCP service itself |
 //! | [`window`]  | per-session flow control as one IO-free state machine: credit, windows that grow to the path's bandwidth-delay product within a budget and shrink when idle |
 //! | [`ws`]      | a session's WebSocket at the level of frames, as a tunnel must carry it: IO-free decoder, thin reader/writer |
 //! | [`api`]     | the agent API's paths, hello messages and backend-id rules                     |
@@ -32,6 +33,7 @@ pub mod reliable;
 pub mod runtime;
 pub mod secret;
 pub mod session;
+pub mod tcp_peer;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

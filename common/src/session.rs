@@ -14,7 +14,10 @@
 pub use crate::window::SessionViolation;
 use crate::window::{SessionFlow, Spend, WindowConfig, IDLE_RETURN};
 use crate::wire::{Frame, Kind, FLAG_BLOCKED, MAX_CHUNK};
-use crate::ws::{Event, Role, WsReader, WsWriter};
+use crate::ws::{Event, Role, WsError, WsReader, WsWriter};
+use bytes::Bytes;
+use std::future::Future;
+use std::io;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -273,22 +276,100 @@ fn decide(
     })
 }
 
-/// Runs one session until both sides have closed or either is lost. Frames for the far end go
-/// to `sink`. The close handshake is carried end to end: after one side's Close, messages from
-/// the other still flow until its own Close comes back (bounded by [`CLOSE_LINGER`]).
+/// The local end of a session as its pump reads it: the events of a WebSocket peer.
+pub trait PeerRead: Send {
+    /// The next event, data in pieces of at most `max_piece` bytes. Cancel-safe.
+    fn next(&mut self, max_piece: usize) -> impl Future<Output = Result<Event, WsError>> + Send;
+    /// After a clean ending: reads and drops what the peer still sends, for up to `limit`.
+    fn drain(&mut self, limit: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// The local end of a session as its pump writes to it.
+pub trait PeerWrite: Send {
+    /// A piece of a data message; `fin` ends the message.
+    fn data(
+        &mut self,
+        text: bool,
+        fin: bool,
+        payload: &Bytes,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+    fn ping(&mut self, payload: &Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    fn pong(&mut self, payload: &Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Sends a Close (once).
+    fn close(&mut self, close: Option<(u16, &str)>) -> impl Future<Output = io::Result<()>> + Send;
+    fn is_closed(&self) -> bool;
+    /// After a clean ending, before the reader drains.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl<R: AsyncRead + Unpin + Send> PeerRead for WsReader<R> {
+    async fn next(&mut self, max_piece: usize) -> Result<Event, WsError> {
+        WsReader::next(self, max_piece).await
+    }
+
+    async fn drain(&mut self, limit: Duration) {
+        WsReader::drain(self, limit).await
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send> PeerWrite for WsWriter<W> {
+    async fn data(&mut self, text: bool, fin: bool, payload: &Bytes) -> io::Result<()> {
+        WsWriter::data(self, text, fin, payload).await
+    }
+
+    async fn ping(&mut self, payload: &Bytes) -> io::Result<()> {
+        WsWriter::ping(self, payload).await
+    }
+
+    async fn pong(&mut self, payload: &Bytes) -> io::Result<()> {
+        WsWriter::pong(self, payload).await
+    }
+
+    async fn close(&mut self, close: Option<(u16, &str)>) -> io::Result<()> {
+        WsWriter::close(self, close).await
+    }
+
+    fn is_closed(&self) -> bool {
+        WsWriter::is_closed(self)
+    }
+
+    async fn finish(&mut self) {
+        // RFC 6455 7.1.1: the server closes the TCP connection first; a client waits for it.
+        if self.role() == Role::Server {
+            let _ = tokio::time::timeout(CLOSE_LINGER, self.shutdown()).await;
+        }
+    }
+}
+
+/// Runs one session between a WebSocket and the link until both sides have closed or either is
+/// lost. Frames for the far end go to `sink`. The close handshake is carried end to end: after
+/// one side's Close, messages from the other still flow until its own Close comes back
+/// (bounded by [`CLOSE_LINGER`]).
 pub async fn pump<S>(io: S, side: WsSide, peer: SessionPeer, sink: Arc<dyn FrameSink>) -> Summary
 where
     S: AsyncRead + AsyncWrite + Send,
 {
+    let (r, w) = tokio::io::split(io);
+    let reader = WsReader::new(r, side.role, side.max_message);
+    let writer = WsWriter::new(w, side.role);
+    pump_peer(reader, writer, peer, sink).await
+}
+
+/// Runs one session between a local peer (a WebSocket, or a TCP connection seen as one: see
+/// [`crate::tcp_peer`]) and the link; see [`pump`].
+pub async fn pump_peer<R: PeerRead, W: PeerWrite>(
+    mut ws_rx: R,
+    writer: W,
+    peer: SessionPeer,
+    sink: Arc<dyn FrameSink>,
+) -> Summary {
     let SessionPeer {
         id,
         mut rx,
         flow,
         max_piece,
     } = peer;
-    let (r, w) = tokio::io::split(io);
-    let mut ws_rx = WsReader::new(r, side.role, side.max_message);
-    let ws_tx = tokio::sync::Mutex::new(WsWriter::new(w, side.role));
+    let ws_tx = tokio::sync::Mutex::new(writer);
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
 
@@ -474,10 +555,7 @@ where
         Ending::LocalClose(_) | Ending::RemoteClose(_) | Ending::Refused(..)
     );
     if clean {
-        // RFC 6455 7.1.1: the server closes the TCP connection first; a client waits for it.
-        if side.role == Role::Server {
-            let _ = tokio::time::timeout(CLOSE_LINGER, ws.shutdown()).await;
-        }
+        ws.finish().await;
         ws_rx.drain(CLOSE_LINGER).await;
     }
     Summary {

@@ -585,6 +585,11 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
         self.frame(true, OP_CLOSE, &close_payload(close)).await
     }
 
+    /// Which end of the WebSocket this writer is.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
     /// Whether a Close has been sent.
     pub fn is_closed(&self) -> bool {
         self.closed
