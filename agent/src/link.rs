@@ -14,7 +14,10 @@ use backhaul_common::backoff::Backoff;
 use backhaul_common::dial::{dial, DialOptions, Dialed};
 use backhaul_common::reliable::{Arrival, RecvState, Reorder, SendBuffer};
 use backhaul_common::secret;
-use backhaul_common::session::{new_session, pump, FrameSink, SessionHandle, WsSide};
+use backhaul_common::session::{
+    new_session, pump, pump_peer, FrameSink, SessionHandle, SessionPeer, WsSide,
+};
+use backhaul_common::tcp_peer::tcp_peer;
 use backhaul_common::wire::{BatchReader, Frame, Kind};
 use backhaul_common::ws::Role;
 use bytes::Bytes;
@@ -375,6 +378,42 @@ impl Link {
         }
     }
 
+    /// Carries a session straight to the TCP service of a `tcp://` backend, with the TCP
+    /// convention (see `common::tcp_peer`).
+    async fn carry_tcp(self: &Arc<Self>, id: u32, peer: SessionPeer) {
+        let target = &self.cfg.backend;
+        let host = match target.host() {
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            Some(h) => h.to_string(),
+            None => String::new(),
+        };
+        let port = target.port().unwrap_or(0);
+        let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+        let failed = match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                debug!("connected to {target}");
+                let opened = serde_json::to_vec(&Opened { protocol: None }).unwrap_or_default();
+                self.send(Frame::new(Kind::Opened, 0, id, Bytes::from(opened)));
+                let (r, w) = tcp_peer(tcp);
+                let summary = pump_peer(r, w, peer, Arc::new(Sink(self.clone()))).await;
+                info!(
+                    bytes.to_backend = summary.received,
+                    bytes.from_backend = summary.sent,
+                    "session ended: {}",
+                    summary.ending
+                );
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.cfg.connect_timeout),
+        };
+        // The span names the session; the client's close reason may not.
+        warn!("agent could not reach backend {target}: {failed}");
+        let reason = backend_failure_reason(self.cfg.report_backend_errors, &failed);
+        self.send(Frame::close(id, 1014, &reason));
+    }
+
     fn open(self: &Arc<Self>, id: u32, payload: Bytes, tracker: &TaskTracker) {
         let open: OpenRequest = match serde_json::from_slice(&payload) {
             Ok(o) => o,
@@ -422,6 +461,11 @@ impl Link {
         );
         tracker.spawn(
             async move {
+                if link.cfg.backend.scheme() == "tcp" {
+                    link.carry_tcp(id, peer).await;
+                    lock(&link.sessions).remove(&id);
+                    return;
+                }
                 let url = match backhaul_common::api::backend_url(&link.cfg.backend, &open.path) {
                     Ok(u) => u,
                     Err(e) => {

@@ -18,7 +18,10 @@ struct Args {
     /// The backend ID this agent serves (frontends ask for it by name).
     #[arg(long, env = "BACKHAUL_BACKEND_ID")]
     backend_id: String,
-    /// The backend's WebSocket URL, e.g. ws://127.0.0.1:9000.
+    /// What each session reaches: a backend's WebSocket URL (ws://127.0.0.1:9000, e.g. a
+    /// backhaul-backend), or a TCP service straight from the agent (tcp://127.0.0.1:22), which
+    /// needs no backhaul-backend: clients then speak the TCP convention (binary messages, an
+    /// empty one for end-of-stream), as backhaul-frontend does.
     #[arg(long, env = "BACKHAUL_BACKEND")]
     backend: String,
     /// Token the relay requires from agents (its --agent-token). A flag shows in `ps`: prefer
@@ -114,7 +117,18 @@ async fn serve(args: Args) {
         args.backend_secret_file.as_deref(),
     );
     let relay = parse_url("relay", &args.relay, &["http", "https"]);
-    let backend = parse_url("backend", &args.backend, &["ws", "wss"]);
+    let backend = parse_url("backend", &args.backend, &["ws", "wss", "tcp"]);
+    if backend.scheme() == "tcp" {
+        let s = &args.backend;
+        if backend.port().is_none() {
+            fail(format!("--backend {s:?} needs a port: tcp://HOST:PORT"));
+        }
+        if !matches!(backend.path(), "" | "/") || backend.query().is_some() {
+            fail(format!(
+                "--backend {s:?}: a tcp:// backend is HOST:PORT only, without a path or query"
+            ));
+        }
+    }
     if let Err(e) = backhaul_common::api::validate_backend_id(&args.backend_id) {
         fail(format!("--backend-id: {e}"));
     }
