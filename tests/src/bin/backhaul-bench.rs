@@ -607,6 +607,28 @@ async fn loopback(target: SocketAddr, o: &Opts) -> (serde_json::Map<String, Valu
         paths.push(Path::new(t, stack.entry(), procs));
         stacks.push(stack);
     }
+    // The agent reaching the service itself (`--backend tcp://`), without a backend process:
+    // four hops, on the fastest transport.
+    let direct_relay = relay(&[], &o.env).await;
+    let url = format!("http://{}", direct_relay.addr());
+    let direct_agent = agent(
+        &url,
+        "direct",
+        &format!("tcp://{target}"),
+        &[s("--transport"), s("websocket")],
+        &o.env,
+    )
+    .await;
+    let direct_frontend = frontend(&url, "direct", &[], &o.env).await;
+    let procs: Vec<(String, u32)> = [
+        ("frontend", &direct_frontend),
+        ("relay", &direct_relay),
+        ("agent", &direct_agent),
+    ]
+    .iter()
+    .filter_map(|(n, p)| p.pid().map(|pid| (n.to_string(), pid)))
+    .collect();
+    paths.push(Path::new("agent-tcp", direct_frontend.addr(), procs));
     for round in 1..=o.rounds {
         for p in &mut paths {
             eprintln!(
@@ -621,6 +643,7 @@ async fn loopback(target: SocketAddr, o: &Opts) -> (serde_json::Map<String, Valu
         results.insert(p.name.clone(), p.finish(o).await);
     }
     drop(stacks);
+    drop((direct_relay, direct_agent, direct_frontend));
     drop(peers);
     for mut p in chain {
         p.kill().await;
