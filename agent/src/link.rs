@@ -15,7 +15,7 @@ use backhaul_common::dial::{dial, DialOptions, Dialed};
 use backhaul_common::reliable::{Arrival, RecvState, Reorder, SendBuffer};
 use backhaul_common::secret;
 use backhaul_common::session::{
-    new_session, pump, pump_peer, FrameSink, SessionHandle, SessionPeer, WsSide,
+    new_session, pump, pump_peer, FrameSink, SessionHandle, SessionPeer, Summary, WsSide,
 };
 use backhaul_common::tcp_peer::tcp_peer;
 use backhaul_common::wire::{BatchReader, Frame, Kind};
@@ -396,13 +396,7 @@ impl Link {
                 let opened = serde_json::to_vec(&Opened { protocol: None }).unwrap_or_default();
                 self.send(Frame::new(Kind::Opened, 0, id, Bytes::from(opened)));
                 let (r, w) = tcp_peer(tcp);
-                let summary = pump_peer(r, w, peer, Arc::new(Sink(self.clone()))).await;
-                info!(
-                    bytes.to_backend = summary.received,
-                    bytes.from_backend = summary.sent,
-                    "session ended: {}",
-                    summary.ending
-                );
+                log_end(&pump_peer(r, w, peer, Arc::new(Sink(self.clone()))).await);
                 return;
             }
             Ok(Err(e)) => e.to_string(),
@@ -500,13 +494,7 @@ impl Link {
                             role: Role::Client,
                             max_message: link.cfg.max_message,
                         };
-                        let summary = pump(io, side, peer, Arc::new(Sink(link.clone()))).await;
-                        info!(
-                            bytes.to_backend = summary.received,
-                            bytes.from_backend = summary.sent,
-                            "session ended: {}",
-                            summary.ending
-                        );
+                        log_end(&pump(io, side, peer, Arc::new(Sink(link.clone()))).await);
                     }
                     Err(e) => {
                         // The span names the session; the client's close reason may not.
@@ -523,6 +511,16 @@ impl Link {
 }
 
 pub(crate) type RelayStream = backhaul_common::dial::WsIo;
+
+/// The session's last log line: how it ended and what it carried.
+fn log_end(summary: &Summary) {
+    info!(
+        bytes.to_backend = summary.received,
+        bytes.from_backend = summary.sent,
+        "session ended: {}",
+        summary.ending
+    );
+}
 
 /// The relay's OPEN headers that the agent passes on: only [`FORWARDED_HEADERS`], whatever the
 /// relay sent. So a client can never supply [`BACKEND_SECRET_HEADER`], which is not among them.

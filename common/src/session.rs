@@ -566,18 +566,14 @@ pub async fn pump_peer<R: PeerRead, W: PeerWrite>(
     }
 }
 
+/// A sink that keeps what a pump sends, for tests of pumps and their peers.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use bytes::Bytes;
-    use futures_util::{SinkExt, StreamExt};
-    use std::sync::Mutex;
-    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
-    use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::WebSocketStream;
 
     #[derive(Default)]
-    struct Collect(Mutex<Vec<Frame>>);
+    pub(crate) struct Collect(Mutex<Vec<Frame>>);
+
     impl FrameSink for Collect {
         fn send(&self, frame: Frame) {
             self.0.lock().unwrap().push(frame);
@@ -585,11 +581,35 @@ mod tests {
     }
 
     impl Collect {
-        fn kinds(&self, kind: Kind) -> Vec<Frame> {
+        pub(crate) fn kinds(&self, kind: Kind) -> Vec<Frame> {
             let frames = self.0.lock().unwrap();
             frames.iter().filter(|f| f.kind == kind).cloned().collect()
         }
+
+        /// The first frame of `kind` after the `seen` first frames; waits for it.
+        pub(crate) async fn next_of(&self, kind: Kind, seen: &mut usize) -> Frame {
+            loop {
+                {
+                    let frames = self.0.lock().unwrap();
+                    if let Some(i) = (*seen..frames.len()).find(|&i| frames[i].kind == kind) {
+                        *seen = i + 1;
+                        return frames[i].clone();
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Collect;
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
 
     /// A running pump: the link's handle, what it sent, its task, and its WebSocket client.
     type Started = (

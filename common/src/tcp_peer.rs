@@ -191,34 +191,11 @@ impl<W: AsyncWrite + Unpin + Send> PeerWrite for TcpWrite<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{new_session, pump_peer, Ending, FrameSink};
+    use crate::session::testing::Collect;
+    use crate::session::{new_session, pump_peer, Ending};
     use crate::window::WindowConfig;
     use crate::wire::{Frame, Kind};
     use tokio::io::AsyncReadExt;
-
-    #[derive(Default)]
-    struct Collect(Mutex<Vec<Frame>>);
-
-    impl FrameSink for Collect {
-        fn send(&self, frame: Frame) {
-            self.0.lock().unwrap().push(frame);
-        }
-    }
-
-    impl Collect {
-        async fn next_of(&self, kind: Kind, seen: &mut usize) -> Frame {
-            loop {
-                {
-                    let frames = self.0.lock().unwrap();
-                    if let Some(i) = (*seen..frames.len()).find(|&i| frames[i].kind == kind) {
-                        *seen = i + 1;
-                        return frames[i].clone();
-                    }
-                }
-                tokio::task::yield_now().await;
-            }
-        }
-    }
 
     /// The agent's side of a session to a TCP service: bytes both ways, pings answered, each
     /// end-of-stream carried, and Close 1000 once both directions have ended.

@@ -1,6 +1,7 @@
 //! Checks the end-to-end tests (tests/tests/*.rs) are made of: an echo transfer verified by
-//! hash, a client that must be turned away promptly, a program that must refuse its command
-//! line with exit 64, a backend with extra flags, a secret in a private file.
+//! hash, a half-close whose reply must come back, a client that must be turned away promptly,
+//! a program that must refuse its command line with exit 64, a backend with extra flags, a
+//! secret in a private file.
 
 use crate::{bin, data, s, scratch_dir, Program, PROXY_VARS, STEP_TIMEOUT};
 use std::net::SocketAddr;
@@ -31,6 +32,34 @@ pub async fn echo_transfer(entry: SocketAddr, seed: u64, len: u64) {
         "echoed bytes differ from the sent ones"
     );
     assert_eq!(sent_hash, data::expected_hash(seed, len));
+}
+
+/// Sends `len` bytes of stream `seed` through `entry` to a [`crate::services::reply_after_eof`]
+/// service answering with `reply_len` bytes of stream `reply_seed`, then shuts down its sending
+/// side (as `nc -N` or an HTTP/1.0 client does): the service must have got every byte, and its
+/// reply after the half-close must come back whole.
+pub async fn half_close_then_reply(
+    entry: SocketAddr,
+    seed: u64,
+    len: u64,
+    reply_seed: u64,
+    reply_len: u64,
+) {
+    let c = step("connect", TcpStream::connect(entry)).await.unwrap();
+    let (mut r, mut w) = c.into_split();
+    let sent_hash = step("send request", data::send(&mut w, seed, len))
+        .await
+        .unwrap();
+    let mut hash = [0u8; 64];
+    step("service's hash of our request", r.read_exact(&mut hash))
+        .await
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&hash).unwrap(), sent_hash);
+    let (got, reply_hash) = step("reply after half-close", data::receive(&mut r))
+        .await
+        .unwrap();
+    assert_eq!(got, reply_len);
+    assert_eq!(reply_hash, data::expected_hash(reply_seed, reply_len));
 }
 
 /// A client of `entry` that sends `hello` must see its connection end (end of stream or reset)

@@ -2,12 +2,12 @@
 //! backhaul-backend: client -> frontend -> relay -> agent -> service, real programs on
 //! ephemeral ports, bytes checked by hash.
 
-use backhaul_tests::checks::{echo_transfer, expect_closed_promptly, refuses_to_start, step};
+use backhaul_tests::checks::{
+    echo_transfer, expect_closed_promptly, half_close_then_reply, refuses_to_start,
+};
 use backhaul_tests::rawws::{close_parts, RawWs, BINARY, CLOSE, PING, PONG};
-use backhaul_tests::{agent, closed_port, data, frontend, relay, s, services, Program};
+use backhaul_tests::{agent, closed_port, frontend, relay, s, services, Program};
 use std::net::SocketAddr;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 
 const MIB: u64 = 1 << 20;
 
@@ -49,23 +49,7 @@ async fn bulk_and_concurrent_connections_reach_a_tcp_service_directly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_crosses_to_the_service_and_the_reply_comes_back() {
     let d = direct(services::reply_after_eof(9, 2 * MIB).await, &[]).await;
-    let c = step("connect", TcpStream::connect(d.frontend.addr()))
-        .await
-        .unwrap();
-    let (mut r, mut w) = c.into_split();
-    let sent_hash = step("send request", data::send(&mut w, 4, 300_000))
-        .await
-        .unwrap();
-    let mut hash = [0u8; 64];
-    step("service's hash of our request", r.read_exact(&mut hash))
-        .await
-        .unwrap();
-    assert_eq!(std::str::from_utf8(&hash).unwrap(), sent_hash);
-    let (len, reply_hash) = step("reply after half-close", data::receive(&mut r))
-        .await
-        .unwrap();
-    assert_eq!(len, 2 * MIB);
-    assert_eq!(reply_hash, data::expected_hash(9, 2 * MIB));
+    half_close_then_reply(d.frontend.addr(), 4, 300_000, 9, 2 * MIB).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! The four real programs on ephemeral ports, with real bytes checked by hash.
 
 use backhaul_tests::certs::{test_certs, TestCerts};
-use backhaul_tests::checks::{echo_transfer, expect_closed_promptly, step};
+use backhaul_tests::checks::{echo_transfer, expect_closed_promptly, half_close_then_reply, step};
 use backhaul_tests::fault::FaultInjector;
 use backhaul_tests::forward_proxy::ForwardProxy;
 use backhaul_tests::{
@@ -81,24 +81,7 @@ async fn half_close_still_gets_the_whole_reply() {
         ..Default::default()
     })
     .await;
-    let c = step("connect", TcpStream::connect(stack.entry()))
-        .await
-        .unwrap();
-    let (mut r, mut w) = c.into_split();
-    // Send a request and shut down our sending side, as `nc -N` or an HTTP/1.0 client does.
-    let sent_hash = step("send request", data::send(&mut w, 3, 200_000))
-        .await
-        .unwrap();
-    let mut hash = [0u8; 64];
-    step("service's hash of our request", r.read_exact(&mut hash))
-        .await
-        .unwrap();
-    assert_eq!(std::str::from_utf8(&hash).unwrap(), sent_hash);
-    let (len, reply_hash) = step("reply after half-close", data::receive(&mut r))
-        .await
-        .unwrap();
-    assert_eq!(len, 3 * MIB);
-    assert_eq!(reply_hash, data::expected_hash(7, 3 * MIB));
+    half_close_then_reply(stack.entry(), 3, 200_000, 7, 3 * MIB).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
