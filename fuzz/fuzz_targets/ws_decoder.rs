@@ -13,6 +13,7 @@
 //! - data pieces are at most `piece` bytes, control payloads at most 125;
 //! - a data message never exceeds the limit, and a piece's text flag is its message's;
 //! - once refused, the decoder stays refused (asked again, with or without more bytes);
+//! - the bytes `frame_bytes` says a whole frame needs never exceed the limit plus a header;
 //! - the events, with each message's pieces joined, and the final verdict do not depend on how
 //!   the stream was split nor on the piece size.
 #![no_main]
@@ -91,6 +92,14 @@ fn run(role: Role, max_message: u64, piece: usize, sizes: &[u8], stream: &[u8]) 
         buf.extend_from_slice(&stream[fed..fed + n]);
         fed += n;
         loop {
+            // What a whole-frame reader (the agent link's) reserves is bounded by the message
+            // limit, plus a header: a peer's length field alone never sizes a buffer.
+            if let Ok(Some(n)) = d.frame_bytes(&buf) {
+                assert!(
+                    n as u64 <= max_message.saturating_add(14),
+                    "frame_bytes {n} over the limit {max_message}"
+                );
+            }
             let before = buf.len();
             match d.decode(&mut buf, piece) {
                 Ok(None) => break,
