@@ -184,7 +184,8 @@ fuzz_target!(|data: &[u8]| {
                 };
                 match c.next_batch(&sender, receiver.ack(), force) {
                     StreamNext::Batch(b) => {
-                        let (h, frames) = decode_batch(&b.into_bytes()).expect("cursor wrote a bad batch");
+                        let (h, frames) =
+                            decode_batch(&b.into_bytes()).expect("cursor wrote a bad batch");
                         assert_eq!(h.ack, receiver.ack());
                         assert_eq!(h.first_seq, (*next).max(base));
                         *next = h.first_seq + frames.len() as u64;
