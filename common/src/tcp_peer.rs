@@ -7,7 +7,9 @@
 //!
 //! What a WebSocket peer would do itself, this does for the TCP peer: it answers pings (the
 //! session's far end expects a pong), and it answers a Close from the far end with the same
-//! Close, after shutting the connection down.
+//! Close, after shutting the connection down. As backhaul-backend does, a failed read or write
+//! closes the session with 1011 and the error, and a text message (not part of the convention)
+//! with 1003.
 
 use crate::lazy_read::LazyRead;
 use crate::session::{PeerRead, PeerWrite};
@@ -35,7 +37,7 @@ struct Shared {
 struct State {
     /// Pings from the far end, to answer.
     pongs: VecDeque<Bytes>,
-    /// The far end's Close, to answer.
+    /// The Close to send: the far end's, answered, or ours after a failure.
     close: Option<Option<(u16, String)>>,
     /// The far end's end-of-stream arrived (our TCP sending side is shut down).
     eof_in: bool,
@@ -70,6 +72,8 @@ where
             io: w,
             shared,
             in_message: false,
+            eof_in: false,
+            failed: false,
             closed: false,
         },
     )
@@ -110,11 +114,16 @@ impl<R: AsyncRead + Unpin + Send> PeerRead for TcpRead<R> {
                 continue;
             }
             tokio::select! {
-                chunk = self.src.read_chunk(max_piece.max(1)) => {
-                    let chunk = chunk.map_err(WsError::Io)?;
-                    self.eof_out = chunk.is_empty();
-                    return Ok(Event::Data { text: false, fin: true, payload: chunk });
-                }
+                chunk = self.src.read_chunk(max_piece.max(1)) => match chunk {
+                    Ok(chunk) => {
+                        self.eof_out = chunk.is_empty();
+                        return Ok(Event::Data { text: false, fin: true, payload: chunk });
+                    }
+                    Err(e) => {
+                        self.closed = true;
+                        return Ok(Event::Close(Some((1011, format!("TCP read failed: {e}")))));
+                    }
+                },
                 _ = woken => {}
             }
         }
@@ -132,6 +141,11 @@ pub struct TcpWrite<W> {
     shared: Arc<Shared>,
     /// Inside a message that has had bytes: an empty final piece ends it, not the stream.
     in_message: bool,
+    /// Our sending side is shut down (the far end's end-of-stream came).
+    eof_in: bool,
+    /// A write failed or the far end broke the convention: what it sends now is dropped while
+    /// the session closes with the reason.
+    failed: bool,
     closed: bool,
 }
 
@@ -140,18 +154,41 @@ impl<W: AsyncWrite + Unpin + Send> TcpWrite<W> {
         f(&mut self.shared.lock());
         self.shared.wake.notify_one();
     }
+
+    /// Closes the session with `code` and `reason`: the reading half sends the Close, and what
+    /// the far end still sends is dropped until it answers.
+    fn fail(&mut self, code: u16, reason: String) {
+        if !self.failed {
+            self.failed = true;
+            self.tell(|st| st.close = Some(Some((code, reason))));
+        }
+    }
 }
 
 impl<W: AsyncWrite + Unpin + Send> PeerWrite for TcpWrite<W> {
-    async fn data(&mut self, _text: bool, fin: bool, payload: &Bytes) -> io::Result<()> {
-        if payload.is_empty() && fin && !self.in_message {
-            // End-of-stream: shut down our sending side and keep reading.
-            self.io.shutdown().await?;
-            self.tell(|st| st.eof_in = true);
+    async fn data(&mut self, text: bool, fin: bool, payload: &Bytes) -> io::Result<()> {
+        if self.failed {
             return Ok(());
         }
+        if text {
+            self.fail(1003, "a TCP service takes binary messages only".into());
+            return Ok(());
+        }
+        let end_of_stream = payload.is_empty() && fin && !self.in_message;
         self.in_message = !fin;
-        self.io.write_all(payload).await
+        if end_of_stream {
+            if !self.eof_in {
+                // Shut down our sending side and keep reading.
+                self.eof_in = true;
+                let _ = self.io.shutdown().await;
+                self.tell(|st| st.eof_in = true);
+            }
+            return Ok(());
+        }
+        if let Err(e) = self.io.write_all(payload).await {
+            self.fail(1011, format!("TCP write failed: {e}"));
+        }
+        Ok(())
     }
 
     async fn ping(&mut self, payload: &Bytes) -> io::Result<()> {
@@ -272,5 +309,43 @@ mod tests {
         let mut rest = Vec::new();
         service.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
+    }
+
+    /// A service that went away, or a text message, closes the session with a code and the
+    /// reason, as backhaul-backend does (1011, 1003).
+    #[tokio::test]
+    async fn failures_close_with_a_code_and_the_reason() {
+        let (service, agent_side) = tokio::io::duplex(1024);
+        let (handle, peer) = new_session(5, &WindowConfig::fixed(100_000));
+        let sink = Arc::new(Collect::default());
+        let (r, w) = tcp_peer(agent_side);
+        let task = tokio::spawn(pump_peer(r, w, peer, sink.clone()));
+        drop(service);
+        handle
+            .deliver(Frame::data(5, false, true, Bytes::from_static(b"anyone?")))
+            .unwrap();
+        let mut seen = 0;
+        let (code, reason) = sink
+            .next_of(Kind::Close, &mut seen)
+            .await
+            .close_parts()
+            .unwrap()
+            .unwrap();
+        assert_eq!(code, 1011);
+        assert!(reason.starts_with("TCP write failed"), "{reason}");
+        handle.deliver(Frame::close(5, 1011, "")).unwrap();
+        task.await.unwrap();
+
+        let (_service, agent_side) = tokio::io::duplex(1024);
+        let (handle, peer) = new_session(5, &WindowConfig::fixed(100_000));
+        let sink = Arc::new(Collect::default());
+        let (r, w) = tcp_peer(agent_side);
+        let _task = tokio::spawn(pump_peer(r, w, peer, sink.clone()));
+        handle
+            .deliver(Frame::data(5, true, true, Bytes::from_static(b"text")))
+            .unwrap();
+        let mut seen = 0;
+        let f = sink.next_of(Kind::Close, &mut seen).await;
+        assert_eq!(f.close_parts().unwrap().unwrap().0, 1003);
     }
 }

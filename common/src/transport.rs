@@ -140,7 +140,8 @@ pub struct ChannelTx(mpsc::Sender<Batch>);
 impl ChannelTx {
     /// A sender and the stream of body chunks it feeds, for the HTTP stack to drain.
     pub fn new() -> (Self, impl Stream<Item = Bytes> + Send + 'static) {
-        let (tx, rx) = mpsc::channel::<Batch>(8);
+        // Four batches queued at most, as many as the length prefixes and batches of before.
+        let (tx, rx) = mpsc::channel::<Batch>(4);
         let chunks = futures_util::stream::unfold(
             (rx, std::collections::VecDeque::new()),
             |(mut rx, mut parts)| async move {
