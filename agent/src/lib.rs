@@ -61,6 +61,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Which transport(s) to use towards the relay.
     pub transport: transport::TransportChoice,
+    /// Ask the relay to expose the backend on a TCP port.
+    pub expose: Option<backhaul_common::api::ExposeRequest>,
 }
 
 impl Config {
@@ -139,6 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         agent: format!("backhaul-agent/{} {host}", env!("CARGO_PKG_VERSION"))
             .trim()
             .to_string(),
+        expose: cfg.expose.clone(),
     };
     while !shutdown.is_cancelled() {
         match register(&cfg, &clients.h1, &hello).await {
@@ -151,6 +154,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     cfg.backend_id
                 ));
                 info!(link.id = %info.link, "registered with relay {}", cfg.relay_base());
+                if let Some(e) = &info.exposed {
+                    let host = cfg.relay.host_str().unwrap_or("the relay");
+                    backhaul_common::telemetry::announce(&format!(
+                        "backhaul-agent: exposed backend {} at {host}:{} (tunnel {})",
+                        cfg.backend_id, e.port, e.tunnel
+                    ));
+                    info!(
+                        "exposed backend {} at {host}:{} (tunnel {})",
+                        cfg.backend_id, e.port, e.tunnel
+                    );
+                }
                 let link = link::Link::new(cfg.clone(), &clients, info, &shutdown);
                 let why = link.clone().run().await;
                 if shutdown.is_cancelled() {
@@ -226,6 +240,7 @@ mod tests {
             window_budget: backhaul_common::window::Budget::new(0),
             connect_timeout: Duration::from_secs(1),
             transport: transport::TransportChoice::Auto,
+            expose: None,
         }
     }
 

@@ -15,6 +15,14 @@ struct Args {
     /// The relay's URL, e.g. http://relay.example:8080 or https://relay.example.
     #[arg(long, env = "BACKHAUL_RELAY")]
     relay: String,
+    /// Ask the relay to expose the backend on a public TCP port of its --expose-ports range:
+    /// plain TCP clients (ssh, nc, a database client) connect there, with no frontend. The
+    /// agent prints the port.
+    #[arg(long, env = "BACKHAUL_EXPOSE")]
+    expose: bool,
+    /// Like --expose, on this port (it must be free and in the relay's range).
+    #[arg(long, env = "BACKHAUL_EXPOSE_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    expose_port: Option<u16>,
     /// The backend ID this agent serves (frontends ask for it by name).
     #[arg(long, env = "BACKHAUL_BACKEND_ID")]
     backend_id: String,
@@ -151,6 +159,11 @@ async fn serve(args: Args) {
         ),
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         transport: args.transport,
+        expose: (args.expose || args.expose_port.is_some()).then_some(
+            backhaul_common::api::ExposeRequest {
+                port: args.expose_port,
+            },
+        ),
     };
     let shutdown = telemetry::shutdown_on_signals();
     if let Err(e) = backhaul_agent::run(config, shutdown).await {

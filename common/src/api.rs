@@ -62,6 +62,25 @@ pub struct Hello {
     /// Free text for the relay's logs, e.g. `backhaul-agent/0.1.0 on host-17`.
     #[serde(default)]
     pub agent: String,
+    /// Asks the relay to expose the backend on a public TCP port (see [`Exposed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expose: Option<ExposeRequest>,
+}
+
+/// An agent's request for an exposed port: plain TCP clients connect to it, no frontend needed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposeRequest {
+    /// This port; `None`: any free one of the relay's `--expose-ports`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// Where the relay exposes a backend: its TCP port, and the tunnel's ID (stable while the
+/// port stays with the backend).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exposed {
+    pub port: u16,
+    pub tunnel: String,
 }
 
 /// The relay's answer to [`Hello`]: the link's identity and the parameters of this relay.
@@ -84,6 +103,9 @@ pub struct LinkInfo {
     /// (a relay older than this field).
     #[serde(default)]
     pub agent_timeout_ms: u64,
+    /// The exposed port, when the agent asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exposed: Option<Exposed>,
 }
 
 /// Payload of an OPEN frame: what the frontend asked for.

@@ -83,6 +83,7 @@ fn relay() -> &'static Relay {
                 idle_timeout: Duration::from_secs(1),
             },
             tls: None,
+            expose: None,
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         rt.spawn(async move {

@@ -2,6 +2,7 @@
 //! `/agent/v1/links`, and `/healthz`. Handlers translate between HTTP and the [`Hub`].
 
 use crate::auth::{Auth, Refusal};
+use crate::expose::ExposeError;
 use crate::hub::{Hub, HubError, Pushed, RelaySession};
 use backhaul_common::api::{self, Hello, OpenRequest, Opened, LINKS_PATH, PROTOCOL_VERSION};
 use backhaul_common::secret;
@@ -39,6 +40,8 @@ pub struct Ctx {
     pub sessions: TaskTracker,
     /// Whether clients reach us over TLS (for `X-Forwarded-Proto`).
     pub secure: bool,
+    /// Exposed ports, when the relay offers them (`--expose-ports`).
+    pub exposer: Option<Arc<crate::expose::Exposer>>,
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
@@ -259,8 +262,30 @@ async fn agent_api(
                     return unauthorized(why, Party::Agent);
                 }
             };
+            let exposed = match &hello.expose {
+                None => None,
+                Some(want) => {
+                    let result = match &ctx.exposer {
+                        None => Err(ExposeError::NotOffered),
+                        Some(x) => x.expose(&ctx, &hello.backend_id, want.port),
+                    };
+                    match result {
+                        Ok(e) => Some(e),
+                        Err(e) => {
+                            warn!(backend.id = %hello.backend_id, agent.addr = %peer, "refused to expose a port: {e}");
+                            let status = match e {
+                                ExposeError::NotOffered => StatusCode::FORBIDDEN,
+                                ExposeError::Exhausted(..) => StatusCode::SERVICE_UNAVAILABLE,
+                                _ => StatusCode::CONFLICT,
+                            };
+                            return text(status, format!("cannot expose a port: {e}"));
+                        }
+                    }
+                }
+            };
             let link = hub.register(&hello.backend_id, &hello.agent, peer, credential);
-            let info = hub.link_info(&link.id);
+            let mut info = hub.link_info(&link.id);
+            info.exposed = exposed;
             let mut resp = Response::new(full(serde_json::to_vec(&info).unwrap_or_default()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -746,24 +771,11 @@ async fn frontend_session(
                 role: Role::Server,
                 max_message: hub.cfg.max_message,
             };
-            let expiry = {
-                let session = session.clone();
-                let timeout = hub.cfg.open_timeout;
-                async move {
-                    tokio::time::sleep(timeout).await;
-                    let reason = format!(
-                        "no agent for backend '{}' took the session within {timeout:?}",
-                        session.backend
-                    );
-                    if session.expire(&reason) {
-                        warn!("{reason}");
-                    }
-                    std::future::pending::<()>().await
-                }
-            };
             let summary = tokio::select! {
                 s = pump(TokioIo::new(upgraded), side, session_peer, session.clone()) => s,
-                _ = expiry => unreachable!("expiry never completes"),
+                _ = expire_unclaimed(session.clone(), hub.cfg.open_timeout) => {
+                    unreachable!("expiry never completes")
+                }
             };
             hub.close_session(&session);
             info!(
@@ -777,6 +789,20 @@ async fn frontend_session(
     );
 
     switching_protocols(&key, chosen)
+}
+
+/// Ends `session` if no agent has taken it within `timeout`; never completes, so it runs beside
+/// the session's pump and ends with it.
+pub(crate) async fn expire_unclaimed(session: Arc<RelaySession>, timeout: Duration) {
+    tokio::time::sleep(timeout).await;
+    let reason = format!(
+        "no agent for backend '{}' took the session within {timeout:?}",
+        session.backend
+    );
+    if session.expire(&reason) {
+        warn!("{reason}");
+    }
+    std::future::pending::<()>().await
 }
 
 #[cfg(test)]

@@ -374,6 +374,7 @@ impl Hub {
             max_window: self.windows.max,
             max_batch_bytes: self.cfg.max_batch_bytes as u32,
             agent_timeout_ms: self.cfg.agent_timeout.as_millis() as u64,
+            exposed: None,
         }
     }
 
@@ -521,6 +522,14 @@ impl Hub {
         inner.live.remove(&session.id);
         count(&mut inner.per_backend, &session.backend, false);
         count(&mut inner.per_client, &session.client, false);
+    }
+
+    /// Whether any agent serves `backend` now.
+    pub fn has_agent(&self, backend: &str) -> bool {
+        lock(&self.inner)
+            .backends
+            .get(backend)
+            .is_some_and(|b| !b.links.is_empty())
     }
 
     /// Sessions open now: in all, to `backend`, and from `client`.

@@ -4,6 +4,7 @@
 //!
 //! - [`auth`]: who may serve and reach which backend (credentials file, shared tokens, open);
 //! - [`conn`]: connection caps, the first-request deadline and the idle timeout;
+//! - [`expose`]: backends exposed on public TCP ports of their own, for plain TCP clients;
 //! - [`hub`]: which agents serve which backend, pending sessions, the links' reliable streams;
 //! - [`http`]: the HTTP surface that translates requests into hub calls;
 //! - [`stream`]: the relay's half of the streaming agent transports (WebSocket, HTTP/2).
@@ -11,6 +12,7 @@
 
 pub mod auth;
 pub mod conn;
+pub mod expose;
 pub mod http;
 pub mod hub;
 pub mod stream;
@@ -60,6 +62,8 @@ pub struct Config {
     pub conn: ConnConfig,
     /// TLS for the listener; `None` serves plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Exposed ports; `None`: agents may not ask for one.
+    pub expose: Option<expose::ExposeConfig>,
 }
 
 /// Serves the relay on `listener` until `shutdown` is cancelled, then drains.
@@ -79,6 +83,7 @@ pub async fn run(
         body_timeout: config.conn.first_request_timeout,
         sessions: sessions.clone(),
         secure: config.tls.is_some(),
+        exposer: config.expose.clone().map(expose::Exposer::new),
     });
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
 

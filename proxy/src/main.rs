@@ -2,6 +2,7 @@ use backhaul_common::secret::{self, Secret};
 use backhaul_common::telemetry;
 use backhaul_relay::auth::Policy;
 use backhaul_relay::conn::{self, ConnConfig};
+use backhaul_relay::expose;
 use backhaul_relay::hub::HubConfig;
 use backhaul_relay::Config;
 use clap::{Parser, Subcommand};
@@ -69,6 +70,14 @@ struct Args {
     /// the most session buffers can hold.
     #[arg(long, env = "BACKHAUL_WINDOW_BUDGET_MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
     window_budget_mib: u64,
+    /// Ports agents may have their backend exposed on (agent --expose), FIRST-LAST: plain TCP
+    /// clients connect to them, no frontend needed. None by default.
+    #[arg(long, env = "BACKHAUL_EXPOSE_PORTS")]
+    expose_ports: Option<String>,
+    /// How long an exposed port stays with its backend after its last agent left, so a
+    /// restarted agent gets the same port back.
+    #[arg(long, env = "BACKHAUL_EXPOSE_GRACE_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    expose_grace_secs: u64,
     /// Largest WebSocket message a client may send, in KiB; a larger one closes the session
     /// with code 1009 ("message too big") and says the limit.
     #[arg(long, env = "BACKHAUL_MAX_MESSAGE_KIB", default_value_t = backhaul_common::DEFAULT_MAX_MESSAGE_KIB, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
@@ -203,11 +212,26 @@ async fn serve(args: Args) {
             idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         },
         tls,
+        expose: None,
     };
     check_open_files(args.max_connections + args.max_sessions);
     let listener = backhaul_relay::bind(&args.listen)
         .await
         .unwrap_or_else(|e| fail(format!("{e:#}")));
+    let mut config = config;
+    if let Some(ports) = &args.expose_ports {
+        let ports =
+            expose::parse_ports(ports).unwrap_or_else(|e| fail(format!("--expose-ports: {e}")));
+        let ip = listener
+            .local_addr()
+            .map(|a| a.ip())
+            .unwrap_or_else(|e| fail(format!("listener has no address: {e}")));
+        config.expose = Some(expose::ExposeConfig {
+            ports,
+            ip,
+            grace: Duration::from_secs(args.expose_grace_secs),
+        });
+    }
     match listener.local_addr() {
         Ok(addr) => {
             if config.policy.is_open() && !addr.ip().is_loopback() {

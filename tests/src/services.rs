@@ -111,3 +111,45 @@ pub async fn websocket_echo() -> SocketAddr {
     });
     addr
 }
+
+/// A chat broker, like `ncat --broker` (sockets-rust's demo): every line a client sends goes to
+/// every other client. When a client joins, the others get the line `joined`, so a test knows
+/// both ends are there before it talks.
+pub async fn broker() -> SocketAddr {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::sync::broadcast;
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind broker");
+    let addr = l.local_addr().expect("addr");
+    let (tx, _) = broadcast::channel::<(u64, String)>(64);
+    tokio::spawn(async move {
+        let mut next_id = 0u64;
+        while let Ok((s, _)) = l.accept().await {
+            next_id += 1;
+            let id = next_id;
+            let (tx, mut rx) = (tx.clone(), tx.subscribe());
+            let _ = tx.send((id, "joined".into()));
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut lines = BufReader::new(r).lines();
+                loop {
+                    tokio::select! {
+                        line = lines.next_line() => match line {
+                            Ok(Some(line)) => { let _ = tx.send((id, line)); }
+                            _ => return,
+                        },
+                        msg = rx.recv() => match msg {
+                            Ok((from, line)) if from != id => {
+                                if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(_) => return,
+                        },
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
