@@ -629,6 +629,25 @@ async fn loopback(target: SocketAddr, o: &Opts) -> (serde_json::Map<String, Valu
     .filter_map(|(n, p)| p.pid().map(|pid| (n.to_string(), pid)))
     .collect();
     paths.push(Path::new("agent-tcp", direct_frontend.addr(), procs));
+    // An exposed port: client -> relay -> agent -> service, three hops like bore and rathole.
+    let exposed_port = free_port().expect("a free port");
+    let exposing_relay = relay(&[s("--expose-ports"), s(exposed_port)], &o.env).await;
+    let url = format!("http://{}", exposing_relay.addr());
+    let mut exposing_agent = agent(
+        &url,
+        "exposed",
+        &format!("tcp://{target}"),
+        &[s("--transport"), s("websocket"), s("--expose")],
+        &o.env,
+    )
+    .await;
+    exposing_agent.wait_line("exposed backend").await;
+    let procs: Vec<(String, u32)> = [("relay", &exposing_relay), ("agent", &exposing_agent)]
+        .iter()
+        .filter_map(|(n, p)| p.pid().map(|pid| (n.to_string(), pid)))
+        .collect();
+    let exposed_addr: SocketAddr = ([127, 0, 0, 1], exposed_port).into();
+    paths.push(Path::new("exposed", exposed_addr, procs));
     for round in 1..=o.rounds {
         for p in &mut paths {
             eprintln!(
@@ -644,6 +663,7 @@ async fn loopback(target: SocketAddr, o: &Opts) -> (serde_json::Map<String, Valu
     }
     drop(stacks);
     drop((direct_relay, direct_agent, direct_frontend));
+    drop((exposing_relay, exposing_agent));
     drop(peers);
     for mut p in chain {
         p.kill().await;
