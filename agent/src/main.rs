@@ -20,6 +20,14 @@ struct Args {
     /// agent prints the port.
     #[arg(long, env = "BACKHAUL_EXPOSE")]
     expose: bool,
+    /// With --expose: the client addresses the exposed port admits, a network (10.0.0.0/8)
+    /// or an address; repeatable. Without it, any client that reaches the port.
+    #[arg(
+        long = "expose-allow",
+        env = "BACKHAUL_EXPOSE_ALLOW",
+        value_delimiter = ','
+    )]
+    expose_allow: Vec<String>,
     /// Like --expose, on this port (it must be free and in the relay's range).
     #[arg(long, env = "BACKHAUL_EXPOSE_PORT", value_parser = clap::value_parser!(u16).range(1..))]
     expose_port: Option<u16>,
@@ -137,6 +145,12 @@ async fn serve(args: Args) {
             ));
         }
     }
+    if let Err(e) = backhaul_common::api::parse_allow(&args.expose_allow) {
+        fail(format!("--expose-allow: {e}"));
+    }
+    if !args.expose_allow.is_empty() && !args.expose && args.expose_port.is_none() {
+        fail("--expose-allow needs --expose or --expose-port".to_string());
+    }
     if let Err(e) = backhaul_common::api::validate_backend_id(&args.backend_id) {
         fail(format!("--backend-id: {e}"));
     }
@@ -162,6 +176,7 @@ async fn serve(args: Args) {
         expose: (args.expose || args.expose_port.is_some()).then_some(
             backhaul_common::api::ExposeRequest {
                 port: args.expose_port,
+                allow: args.expose_allow.clone(),
             },
         ),
     };

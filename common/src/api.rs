@@ -73,6 +73,33 @@ pub struct ExposeRequest {
     /// This port; `None`: any free one of the relay's `--expose-ports`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Client addresses the port admits (`10.0.0.0/8`, `203.0.113.7`); empty: any. See
+    /// [`parse_allow`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+}
+
+/// Most entries an exposed port's allowlist may have.
+pub const MAX_ALLOW: usize = 64;
+
+/// Parses an allowlist of client addresses: networks (`10.0.0.0/8`, `2001:db8::/32`) or single
+/// addresses.
+pub fn parse_allow(list: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
+    if list.len() > MAX_ALLOW {
+        return Err(format!(
+            "{} allowlist entries; at most {MAX_ALLOW}",
+            list.len()
+        ));
+    }
+    list.iter()
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    format!("{s:?} is not an address or a network (e.g. 10.0.0.0/8, 203.0.113.7)")
+                })
+        })
+        .collect()
 }
 
 /// Where the relay exposes a backend: its TCP port, and the tunnel's ID (stable while the
@@ -271,6 +298,23 @@ pub fn backend_url(base: &url::Url, rest: &str) -> Result<url::Url, BadSessionPa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowlists_take_networks_and_addresses_and_say_what_is_wrong() {
+        let list: Vec<String> = ["10.0.0.0/8", "203.0.113.7", "2001:db8::/32"]
+            .map(String::from)
+            .to_vec();
+        let nets = parse_allow(&list).unwrap();
+        let admits = |ip: &str| {
+            nets.iter()
+                .any(|n| n.contains(&ip.parse::<std::net::IpAddr>().unwrap()))
+        };
+        assert!(admits("10.1.2.3") && admits("203.0.113.7") && admits("2001:db8::1"));
+        assert!(!admits("203.0.113.8") && !admits("192.168.0.1"));
+        let err = parse_allow(&["10.0.0.0/33".to_string()]).unwrap_err();
+        assert!(err.contains("10.0.0.0/33"), "{err}");
+        assert!(parse_allow(&vec!["1.2.3.4".to_string(); MAX_ALLOW + 1]).is_err());
+    }
 
     #[test]
     fn backend_ids() {

@@ -8,9 +8,10 @@
 //! port back and clients keep their address.
 
 use crate::http::Ctx;
-use backhaul_common::api::{Exposed, OpenRequest};
+use backhaul_common::api::{parse_allow, ExposeRequest, Exposed, OpenRequest};
 use backhaul_common::session::pump_peer;
 use backhaul_common::tcp_peer::tcp_peer;
+use ipnet::IpNet;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -47,11 +48,16 @@ pub enum ExposeError {
     Taken(u16),
     #[error("every port of --expose-ports {0}-{1} is taken")]
     Exhausted(u16, u16),
+    #[error("bad allowlist: {0}")]
+    BadAllowlist(String),
 }
 
 /// One exposed port.
 struct Exposure {
     exposed: Exposed,
+    /// Client addresses it admits; empty: any. The latest registration of the backend's agents
+    /// sets it.
+    allow: Vec<IpNet>,
     task: AbortHandle,
 }
 
@@ -69,20 +75,26 @@ impl Exposer {
         })
     }
 
-    /// The port of `backend`: the one it has, or a new one (`want`, or any free one).
+    /// The port of `backend`: the one it has, or a new one (`req.port`, or any free one),
+    /// admitting the clients `req.allow` lists.
     pub fn expose(
         self: &Arc<Self>,
         ctx: &Arc<Ctx>,
         backend: &str,
-        want: Option<u16>,
+        req: &ExposeRequest,
     ) -> Result<Exposed, ExposeError> {
+        let allow = parse_allow(&req.allow).map_err(ExposeError::BadAllowlist)?;
+        let want = req.port;
         let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = ports.get(backend) {
+        if let Some(e) = ports.get_mut(backend) {
             return match want {
                 Some(p) if p != e.exposed.port => {
                     Err(ExposeError::OtherPort(backend.to_string(), e.exposed.port))
                 }
-                _ => Ok(e.exposed.clone()),
+                _ => {
+                    e.allow = allow;
+                    Ok(e.exposed.clone())
+                }
             };
         }
         let (first, last) = (*self.cfg.ports.start(), *self.cfg.ports.end());
@@ -126,10 +138,20 @@ impl Exposer {
             backend.to_string(),
             Exposure {
                 exposed: exposed.clone(),
+                allow,
                 task,
             },
         );
         Ok(exposed)
+    }
+
+    /// Whether `backend`'s port admits a client at `ip`.
+    fn admits(&self, backend: &str, ip: IpAddr) -> bool {
+        let ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        let ip = ip.to_canonical();
+        ports
+            .get(backend)
+            .is_some_and(|e| e.allow.is_empty() || e.allow.iter().any(|n| n.contains(&ip)))
     }
 
     fn release(&self, backend: &str) {
@@ -148,6 +170,10 @@ async fn serve_port(exposer: Arc<Exposer>, ctx: Arc<Ctx>, backend: String, liste
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) if !exposer.admits(&backend, peer.ip()) => {
+                    drop(tcp);
+                    ctx.auth.log_refusal(|| format!("refused a client of backend '{backend}' from {peer}: not in the exposed port's allowlist"));
+                }
                 Ok((tcp, peer)) => {
                     let span = tracing::info_span!("session", backend.id = %backend, client.addr = %peer);
                     ctx.sessions.spawn(exposed_session(ctx.clone(), backend.clone(), tcp, peer).instrument(span));

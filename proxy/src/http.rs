@@ -267,7 +267,7 @@ async fn agent_api(
                 Some(want) => {
                     let result = match &ctx.exposer {
                         None => Err(ExposeError::NotOffered),
-                        Some(x) => x.expose(&ctx, &hello.backend_id, want.port),
+                        Some(x) => x.expose(&ctx, &hello.backend_id, want),
                     };
                     match result {
                         Ok(e) => Some(e),
@@ -276,6 +276,7 @@ async fn agent_api(
                             let status = match e {
                                 ExposeError::NotOffered => StatusCode::FORBIDDEN,
                                 ExposeError::Exhausted(..) => StatusCode::SERVICE_UNAVAILABLE,
+                                ExposeError::BadAllowlist(_) => StatusCode::BAD_REQUEST,
                                 _ => StatusCode::CONFLICT,
                             };
                             return text(status, format!("cannot expose a port: {e}"));

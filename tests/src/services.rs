@@ -113,8 +113,8 @@ pub async fn websocket_echo() -> SocketAddr {
 }
 
 /// A chat broker, like `ncat --broker` (sockets-rust's demo): every line a client sends goes to
-/// every other client. When a client joins, the others get the line `joined`, so a test knows
-/// both ends are there before it talks.
+/// every other client. A client that joins gets the line `welcome`, and the others `joined`, so
+/// a test knows who is there before it talks.
 pub async fn broker() -> SocketAddr {
     use tokio::io::{AsyncBufReadExt, BufReader};
     use tokio::sync::broadcast;
@@ -130,6 +130,9 @@ pub async fn broker() -> SocketAddr {
             let _ = tx.send((id, "joined".into()));
             tokio::spawn(async move {
                 let (r, mut w) = s.into_split();
+                if w.write_all(b"welcome\n").await.is_err() {
+                    return;
+                }
                 let mut lines = BufReader::new(r).lines();
                 loop {
                     tokio::select! {

@@ -2,15 +2,26 @@
 //! (client -> relay -> agent -> service, the agent with `--expose` and a `tcp://` backend).
 //! Real programs on ephemeral ports, bytes checked by hash.
 
-use backhaul_tests::checks::{echo_transfer, step};
-use backhaul_tests::{agent, closed_port, relay, s, services, Program};
+use backhaul_tests::checks::{echo_transfer, expect_closed_promptly, refuses_to_start, step};
+use backhaul_tests::{agent, relay, s, services, Program};
 use std::net::SocketAddr;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-/// A relay offering one port (free a moment ago) for exposure, with `extra` arguments.
+/// A port that is free now, below Linux's ephemeral range (32768 and up), so no outgoing
+/// connection of a test running beside this one takes it before the relay binds it.
+fn free_low_port() -> u16 {
+    loop {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A relay offering one free port for exposure, with `extra` arguments.
 async fn relay_exposing(extra: &[String]) -> (Program, u16) {
-    let port = closed_port().port();
+    let port = free_low_port();
     let mut args = vec![s("--expose-ports"), s(port)];
     args.extend(extra.iter().cloned());
     (relay(&args, &[]).await, port)
@@ -62,8 +73,13 @@ async fn two_clients_talk_through_a_broker_behind_an_exposed_port() {
         let (r, w) = c.into_split();
         (BufReader::new(r).lines(), w)
     };
+    // Each waits to be welcomed: its session reached the broker.
     let (mut a_in, mut a_out) = connect().await;
+    let line = step("a is welcomed", a_in.next_line()).await.unwrap();
+    assert_eq!(line.as_deref(), Some("welcome"));
     let (mut b_in, mut b_out) = connect().await;
+    let line = step("b is welcomed", b_in.next_line()).await.unwrap();
+    assert_eq!(line.as_deref(), Some("welcome"));
     let line = step("a hears b join", a_in.next_line()).await.unwrap();
     assert_eq!(line.as_deref(), Some("joined"));
     a_out.write_all(b"hello from a\n").await.unwrap();
@@ -123,4 +139,54 @@ async fn ports_the_relay_does_not_offer_are_refused_with_the_reason() {
         let a = Program::spawn("backhaul-agent", &all, &[]);
         a.wait_stderr(reason).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exposed_port_admits_only_the_clients_its_allowlist_names() {
+    let (relay, port) = relay_exposing(&[]).await;
+    let url = format!("http://{}", relay.addr());
+    let echo = services::echo().await;
+    let extra = [s("--expose"), s("--expose-allow"), s("127.0.0.2/32")];
+    let mut a = agent(&url, "svc", &format!("tcp://{echo}"), &extra, &[]).await;
+    a.wait_line("exposed backend svc at").await;
+    let exposed: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // From 127.0.0.1, not listed: closed at once, nothing carried.
+    expect_closed_promptly(
+        exposed,
+        b"let me in",
+        "a client outside the allowlist got in",
+    )
+    .await;
+    relay
+        .wait_stderr("not in the exposed port's allowlist")
+        .await;
+    // From 127.0.0.2 (any 127.x address works on Linux's loopback): carried.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut c = step("connect from 127.0.0.2", sock.connect(exposed))
+        .await
+        .unwrap();
+    c.write_all(b"listed").await.unwrap();
+    let mut buf = [0u8; 6];
+    step(
+        "echo",
+        tokio::io::AsyncReadExt::read_exact(&mut c, &mut buf),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&buf, b"listed");
+    // A malformed allowlist is refused at start.
+    let args = [
+        s("--relay"),
+        url.clone(),
+        s("--backend-id"),
+        s("svc"),
+        s("--backend"),
+        s("tcp://127.0.0.1:9"),
+        s("--expose"),
+        s("--expose-allow"),
+        s("10.0.0.0/33"),
+    ];
+    let err = refuses_to_start("backhaul-agent", &args, &[]).await;
+    assert!(err.contains("10.0.0.0/33"), "{err}");
 }
