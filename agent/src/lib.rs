@@ -154,6 +154,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     cfg.backend_id
                 ));
                 info!(link.id = %info.link, "registered with relay {}", cfg.relay_base());
+                if cfg.expose.is_some() && info.exposed.is_none() {
+                    warn!("asked relay {} to expose backend {} but it answered without a port: the relay is older than this agent; upgrade it", cfg.relay_base(), cfg.backend_id);
+                }
                 if let Some(e) = &info.exposed {
                     let host = cfg.relay.host_str().unwrap_or("the relay");
                     backhaul_common::telemetry::announce(&format!(

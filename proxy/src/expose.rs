@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
-use tracing::{info, warn, Instrument};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, Instrument};
 
 /// How often an exposed port checks whether its backend still has an agent.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -55,6 +56,8 @@ pub enum ExposeError {
 /// One exposed port.
 struct Exposure {
     exposed: Exposed,
+    /// When an agent last asked for it: it is not released within the grace period after.
+    claimed: tokio::time::Instant,
     /// Client addresses it admits; empty: any. The latest registration of the backend's agents
     /// sets it.
     allow: Vec<IpNet>,
@@ -65,14 +68,28 @@ struct Exposure {
 pub struct Exposer {
     cfg: ExposeConfig,
     ports: Mutex<HashMap<String, Exposure>>,
+    /// Cancelled when the relay shuts down: every port closes.
+    shutdown: CancellationToken,
 }
 
 impl Exposer {
-    pub fn new(cfg: ExposeConfig) -> Arc<Self> {
+    pub fn new(cfg: ExposeConfig, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             cfg,
             ports: Mutex::new(HashMap::new()),
+            shutdown,
         })
+    }
+
+    /// An agent of `backend` registered without asking for a port: the latest registration
+    /// decides, so the port closes (an operator withdraws a port by restarting its agent
+    /// without --expose).
+    pub fn withdraw(&self, backend: &str) {
+        let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = ports.remove(backend) {
+            e.task.abort();
+            info!(backend.id = backend, "closed the exposed port {} of backend '{backend}': an agent registered without asking for it", e.exposed.port);
+        }
     }
 
     /// The port of `backend`: the one it has, or a new one (`req.port`, or any free one),
@@ -93,6 +110,7 @@ impl Exposer {
                 }
                 _ => {
                     e.allow = allow;
+                    e.claimed = tokio::time::Instant::now();
                     Ok(e.exposed.clone())
                 }
             };
@@ -138,6 +156,7 @@ impl Exposer {
             backend.to_string(),
             Exposure {
                 exposed: exposed.clone(),
+                claimed: tokio::time::Instant::now(),
                 allow,
                 task,
             },
@@ -154,21 +173,30 @@ impl Exposer {
             .is_some_and(|e| e.allow.is_empty() || e.allow.iter().any(|n| n.contains(&ip)))
     }
 
-    fn release(&self, backend: &str) {
+    /// Releases `backend`'s port if no agent has asked for it within the grace period and none
+    /// serves the backend now; both are checked under the lock `expose` takes, so an agent
+    /// told the port a moment ago never finds it gone. True when released.
+    fn release_if_abandoned(&self, backend: &str, hub: &crate::hub::Hub) -> bool {
         let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = ports.remove(backend) {
-            e.task.abort();
+        let abandoned = ports
+            .get(backend)
+            .is_some_and(|e| e.claimed.elapsed() >= self.cfg.grace && !hub.has_agent(backend));
+        if abandoned {
+            ports.remove(backend);
         }
+        abandoned
     }
 }
 
 /// Accepts the clients of `backend`'s exposed port until the backend has had no agent for the
 /// grace period.
 async fn serve_port(exposer: Arc<Exposer>, ctx: Arc<Ctx>, backend: String, listener: TcpListener) {
-    let mut check = tokio::time::interval(CHECK_EVERY);
+    let mut check =
+        tokio::time::interval_at(tokio::time::Instant::now() + CHECK_EVERY, CHECK_EVERY);
     let mut alone_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
+            _ = exposer.shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) if !exposer.admits(&backend, peer.ip()) => {
                     drop(tcp);
@@ -180,16 +208,17 @@ async fn serve_port(exposer: Arc<Exposer>, ctx: Arc<Ctx>, backend: String, liste
                 }
                 Err(e) => {
                     // Out of descriptors, most likely: wait rather than spin.
-                    warn!("could not accept a client: {e}");
+                    ctx.auth.log_refusal(|| format!("could not accept a client of backend '{backend}': {e}"));
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
             _ = check.tick() => {
                 if ctx.hub.has_agent(&backend) {
                     alone_since = None;
-                } else if alone_since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= exposer.cfg.grace {
+                } else if alone_since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= exposer.cfg.grace
+                    && exposer.release_if_abandoned(&backend, &ctx.hub)
+                {
                     info!("releasing the port: backend '{backend}' has had no agent for {:?}", exposer.cfg.grace);
-                    exposer.release(&backend);
                     return;
                 }
             }

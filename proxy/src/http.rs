@@ -263,7 +263,12 @@ async fn agent_api(
                 }
             };
             let exposed = match &hello.expose {
-                None => None,
+                None => {
+                    if let Some(x) = &ctx.exposer {
+                        x.withdraw(&hello.backend_id);
+                    }
+                    None
+                }
                 Some(want) => {
                     let result = match &ctx.exposer {
                         None => Err(ExposeError::NotOffered),
@@ -272,7 +277,12 @@ async fn agent_api(
                     match result {
                         Ok(e) => Some(e),
                         Err(e) => {
-                            warn!(backend.id = %hello.backend_id, agent.addr = %peer, "refused to expose a port: {e}");
+                            ctx.auth.log_refusal(|| {
+                                format!(
+                                    "refused to expose backend '{}' for the agent at {peer}: {e}",
+                                    hello.backend_id
+                                )
+                            });
                             let status = match e {
                                 ExposeError::NotOffered => StatusCode::FORBIDDEN,
                                 ExposeError::Exhausted(..) => StatusCode::SERVICE_UNAVAILABLE,

@@ -83,7 +83,10 @@ pub async fn run(
         body_timeout: config.conn.first_request_timeout,
         sessions: sessions.clone(),
         secure: config.tls.is_some(),
-        exposer: config.expose.clone().map(expose::Exposer::new),
+        exposer: config
+            .expose
+            .clone()
+            .map(|c| expose::Exposer::new(c, shutdown.clone())),
     });
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
 

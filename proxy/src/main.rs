@@ -76,7 +76,7 @@ struct Args {
     expose_ports: Option<String>,
     /// How long an exposed port stays with its backend after its last agent left, so a
     /// restarted agent gets the same port back.
-    #[arg(long, env = "BACKHAUL_EXPOSE_GRACE_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    #[arg(long, env = "BACKHAUL_EXPOSE_GRACE_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     expose_grace_secs: u64,
     /// Largest WebSocket message a client may send, in KiB; a larger one closes the session
     /// with code 1009 ("message too big") and says the limit.

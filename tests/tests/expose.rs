@@ -190,3 +190,24 @@ async fn an_exposed_port_admits_only_the_clients_its_allowlist_names() {
     let err = refuses_to_start("backhaul-agent", &args, &[]).await;
     assert!(err.contains("10.0.0.0/33"), "{err}");
 }
+
+/// The latest registration decides: an agent of the backend that does not ask for a port
+/// closes it (how an operator withdraws one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_registering_without_expose_withdraws_the_port() {
+    let (relay, port) = relay_exposing(&[]).await;
+    let echo = services::echo().await;
+    let (_first, _) = exposing_agent(&relay, echo).await;
+    echo_transfer(format!("127.0.0.1:{port}").parse().unwrap(), 3, 64 * 1024).await;
+    let url = format!("http://{}", relay.addr());
+    let _second = agent(&url, "svc", &format!("tcp://{echo}"), &[], &[]).await;
+    step("the port is withdrawn", async {
+        while TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    relay
+        .wait_stderr("an agent registered without asking for it")
+        .await;
+}
