@@ -478,6 +478,62 @@ async fn idle_memory(service: SocketAddr, count: usize, o: &Opts) -> Value {
     json!({"sessions": sessions, "kib_per_session_total": total, "roles": per_role})
 }
 
+/// Sessions held open through each tunnel for [`idle_tunnels`].
+const TUNNEL_IDLE_SESSIONS: usize = 2000;
+
+/// Idle memory per session through one tunnel, three hops each: an exposed port (relay and
+/// agent) and, when installed, bore and rathole, each with [`TUNNEL_IDLE_SESSIONS`] sessions
+/// held open. Resident memory of the tunnel's processes, before and after.
+async fn idle_tunnels(service: SocketAddr, o: &Opts) -> Value {
+    let mut out = serde_json::Map::new();
+    let port = free_port().expect("a free port");
+    let caps = [
+        s("--max-sessions-per-client"),
+        s("20000"),
+        s("--max-sessions-per-backend"),
+        s("20000"),
+        s("--expose-ports"),
+        s(port),
+    ];
+    let relay = relay(&caps, &o.env).await;
+    let url = format!("http://{}", relay.addr());
+    let mut agent = agent(
+        &url,
+        "idle-exposed",
+        &format!("tcp://{service}"),
+        &[s("--expose")],
+        &o.env,
+    )
+    .await;
+    agent.wait_line("exposed backend").await;
+    let pids: Vec<u32> = [&relay, &agent].iter().filter_map(|p| p.pid()).collect();
+    eprintln!("holding {TUNNEL_IDLE_SESSIONS} idle sessions through an exposed port ...");
+    out.insert(
+        "exposed".into(),
+        idle_through(([127, 0, 0, 1], port).into(), &pids).await,
+    );
+    drop((relay, agent));
+    for peer in start_peers(service).await {
+        eprintln!(
+            "holding {TUNNEL_IDLE_SESSIONS} idle sessions through {} ...",
+            peer.name
+        );
+        let pids: Vec<u32> = peer.pids().into_iter().map(|(_, p)| p).collect();
+        out.insert(peer.name.into(), idle_through(peer.addr, &pids).await);
+    }
+    Value::Object(out)
+}
+
+/// Resident memory `pids` add per session while [`TUNNEL_IDLE_SESSIONS`] sessions to `entry`
+/// are held open.
+async fn idle_through(entry: SocketAddr, pids: &[u32]) -> Value {
+    let rss = || pids.iter().map(|p| rss_kib(*p)).sum::<f64>();
+    let before = rss();
+    let held = open_many(&[entry], TUNNEL_IDLE_SESSIONS, 32, |(stream, _)| stream).await;
+    let per = (rss() - before) / held.len().max(1) as f64;
+    json!({"sessions": held.len(), "kib_per_session": per})
+}
+
 /// One path over an emulated WAN profile, in Mbit/s (10^6 bits) and milliseconds.
 async fn wan_measure(addr: SocketAddr, profile: WanProfile, o: &Opts) -> Value {
     let bytes = ((profile.bits_per_sec as f64 / 8.0 * o.wan_secs) as u64).max(1 << 20);
@@ -1019,6 +1075,16 @@ fn print_tables(v: &Value) {
             );
         }
     }
+    if let Some(t) = v["idle_tunnels"].as_object() {
+        let cells: Vec<String> = t
+            .iter()
+            .map(|(name, x)| format!("{name} {:.1}", x["kib_per_session"].as_f64().unwrap_or(0.0)))
+            .collect();
+        println!(
+            "\nidle sessions through one tunnel, {TUNNEL_IDLE_SESSIONS} held (KiB per session)\n{}",
+            cells.join(" | ")
+        );
+    }
 }
 
 /// Draws the throughput ratios, round trips and idle memory of a result file as one SVG.
@@ -1262,6 +1328,11 @@ async fn main() {
     } else {
         loopback(target, &o).await
     };
+    let idle_tunnels = if wan_only || o.idle.is_empty() {
+        Value::Null
+    } else {
+        idle_tunnels(target, &o).await
+    };
     let wan = wan_profiles(target, &o).await;
     let result = json!({
         "command": args.join(" "),
@@ -1270,6 +1341,7 @@ async fn main() {
         "options": {"gib": gib, "rounds": o.rounds, "conns": o.conns, "rtts": o.rtts, "setups": o.setups, "threads": o.env[1].1},
         "paths": results,
         "idle": idle,
+        "idle_tunnels": idle_tunnels,
         "wan": wan,
     });
     if !wan_only {
