@@ -302,10 +302,6 @@ impl SessionFlow {
     pub fn close(&mut self) {
         self.closed = true;
     }
-
-    pub fn is_closed(&self) -> bool {
-        self.closed
-    }
 }
 
 #[cfg(test)]

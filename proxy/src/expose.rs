@@ -12,7 +12,7 @@ use backhaul_common::api::{parse_allow, ExposeRequest, Exposed, OpenRequest};
 use backhaul_common::session::pump_peer;
 use backhaul_common::tcp_peer::tcp_peer;
 use ipnet::IpNet;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
@@ -116,16 +116,16 @@ impl Exposer {
             };
         }
         let (first, last) = (*self.cfg.ports.start(), *self.cfg.ports.end());
-        let candidates: Vec<u16> = match want {
+        let candidates = match want {
             Some(p) if !self.cfg.ports.contains(&p) => {
                 return Err(ExposeError::OutOfRange(p, first, last))
             }
-            Some(p) => vec![p],
-            None => self.cfg.ports.clone().collect(),
+            Some(p) => p..=p,
+            None => self.cfg.ports.clone(),
         };
-        let in_use: Vec<u16> = ports.values().map(|e| e.exposed.port).collect();
+        let in_use: HashSet<u16> = ports.values().map(|e| e.exposed.port).collect();
         let mut bound = None;
-        for port in candidates.into_iter().filter(|p| !in_use.contains(p)) {
+        for port in candidates.filter(|p| !in_use.contains(p)) {
             // Bound here, under the lock, so two agents cannot be given one port.
             if let Ok(l) = std::net::TcpListener::bind(SocketAddr::new(self.cfg.ip, port)) {
                 if l.set_nonblocking(true).is_ok() {
