@@ -249,19 +249,8 @@ async fn exposed_session(ctx: Arc<Ctx>, backend: String, tcp: TcpStream, peer: S
             }
         };
     let (r, w) = tcp_peer(tcp);
-    let summary = tokio::select! {
-        s = pump_peer(r, w, session_peer, session.clone()) => s,
-        _ = crate::http::expire_unclaimed(session.clone(), ctx.hub.cfg.open_timeout) => {
-            unreachable!("expiry never completes")
-        }
-    };
-    ctx.hub.close_session(&session);
-    info!(
-        bytes.up = summary.sent,
-        bytes.down = summary.received,
-        "session ended: {}",
-        summary.ending
-    );
+    let pumped = pump_peer(r, w, session_peer, session.clone());
+    crate::http::carry_session(&ctx.hub, session, pumped).await;
 }
 
 /// Parses `--expose-ports`: `FIRST-LAST` or one port.

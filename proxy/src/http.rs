@@ -782,19 +782,8 @@ async fn frontend_session(
                 role: Role::Server,
                 max_message: hub.cfg.max_message,
             };
-            let summary = tokio::select! {
-                s = pump(TokioIo::new(upgraded), side, session_peer, session.clone()) => s,
-                _ = expire_unclaimed(session.clone(), hub.cfg.open_timeout) => {
-                    unreachable!("expiry never completes")
-                }
-            };
-            hub.close_session(&session);
-            info!(
-                bytes.up = summary.sent,
-                bytes.down = summary.received,
-                "session ended: {}",
-                summary.ending
-            );
+            let pumped = pump(TokioIo::new(upgraded), side, session_peer, session.clone());
+            carry_session(&hub, session, pumped).await;
         }
         .instrument(span),
     );
@@ -802,9 +791,32 @@ async fn frontend_session(
     switching_protocols(&key, chosen)
 }
 
+/// Runs a session's pump to its end (ending the session if no agent takes it within the open
+/// timeout), then closes it in the hub and logs how it ended. For frontends' WebSockets and
+/// exposed ports' TCP clients alike.
+pub(crate) async fn carry_session(
+    hub: &Hub,
+    session: Arc<RelaySession>,
+    pumped: impl std::future::Future<Output = backhaul_common::session::Summary>,
+) {
+    let summary = tokio::select! {
+        s = pumped => s,
+        _ = expire_unclaimed(session.clone(), hub.cfg.open_timeout) => {
+            unreachable!("expiry never completes")
+        }
+    };
+    hub.close_session(&session);
+    info!(
+        bytes.up = summary.sent,
+        bytes.down = summary.received,
+        "session ended: {}",
+        summary.ending
+    );
+}
+
 /// Ends `session` if no agent has taken it within `timeout`; never completes, so it runs beside
 /// the session's pump and ends with it.
-pub(crate) async fn expire_unclaimed(session: Arc<RelaySession>, timeout: Duration) {
+async fn expire_unclaimed(session: Arc<RelaySession>, timeout: Duration) {
     tokio::time::sleep(timeout).await;
     let reason = format!(
         "no agent for backend '{}' took the session within {timeout:?}",
