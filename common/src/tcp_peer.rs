@@ -234,15 +234,30 @@ mod tests {
     use crate::wire::{Frame, Kind};
     use tokio::io::AsyncReadExt;
 
-    /// The agent's side of a session to a TCP service: bytes both ways, pings answered, each
-    /// end-of-stream carried, and Close 1000 once both directions have ended.
-    #[tokio::test]
-    async fn a_tcp_service_speaks_the_convention_through_its_peer() {
-        let (mut service, agent_side) = tokio::io::duplex(64 * 1024);
+    /// A pump of session 5 whose peer is the TCP connection to `service` (a pipe of
+    /// `pipe` bytes): the service's end, the link's handle, what the pump sent, its task.
+    #[allow(clippy::type_complexity)]
+    fn started(
+        pipe: usize,
+    ) -> (
+        tokio::io::DuplexStream,
+        crate::session::SessionHandle,
+        Arc<Collect>,
+        tokio::task::JoinHandle<crate::session::Summary>,
+    ) {
+        let (service, agent_side) = tokio::io::duplex(pipe);
         let (handle, peer) = new_session(5, &WindowConfig::fixed(100_000));
         let sink = Arc::new(Collect::default());
         let (r, w) = tcp_peer(agent_side);
         let task = tokio::spawn(pump_peer(r, w, peer, sink.clone()));
+        (service, handle, sink, task)
+    }
+
+    /// The agent's side of a session to a TCP service: bytes both ways, pings answered, each
+    /// end-of-stream carried, and Close 1000 once both directions have ended.
+    #[tokio::test]
+    async fn a_tcp_service_speaks_the_convention_through_its_peer() {
+        let (mut service, handle, sink, task) = started(64 * 1024);
         let mut seen = 0;
 
         handle
@@ -292,11 +307,7 @@ mod tests {
     /// ends.
     #[tokio::test]
     async fn the_far_ends_close_ends_the_connection_and_is_answered() {
-        let (mut service, agent_side) = tokio::io::duplex(64 * 1024);
-        let (handle, peer) = new_session(5, &WindowConfig::fixed(100_000));
-        let sink = Arc::new(Collect::default());
-        let (r, w) = tcp_peer(agent_side);
-        let task = tokio::spawn(pump_peer(r, w, peer, sink.clone()));
+        let (mut service, handle, sink, task) = started(64 * 1024);
         handle.deliver(Frame::close(5, 4001, "gone")).unwrap();
         let mut seen = 0;
         let f = sink.next_of(Kind::Close, &mut seen).await;
@@ -315,11 +326,7 @@ mod tests {
     /// reason, as backhaul-backend does (1011, 1003).
     #[tokio::test]
     async fn failures_close_with_a_code_and_the_reason() {
-        let (service, agent_side) = tokio::io::duplex(1024);
-        let (handle, peer) = new_session(5, &WindowConfig::fixed(100_000));
-        let sink = Arc::new(Collect::default());
-        let (r, w) = tcp_peer(agent_side);
-        let task = tokio::spawn(pump_peer(r, w, peer, sink.clone()));
+        let (service, handle, sink, task) = started(1024);
         drop(service);
         handle
             .deliver(Frame::data(5, false, true, Bytes::from_static(b"anyone?")))
@@ -336,11 +343,7 @@ mod tests {
         handle.deliver(Frame::close(5, 1011, "")).unwrap();
         task.await.unwrap();
 
-        let (_service, agent_side) = tokio::io::duplex(1024);
-        let (handle, peer) = new_session(5, &WindowConfig::fixed(100_000));
-        let sink = Arc::new(Collect::default());
-        let (r, w) = tcp_peer(agent_side);
-        let _task = tokio::spawn(pump_peer(r, w, peer, sink.clone()));
+        let (_service, handle, sink, _task) = started(1024);
         handle
             .deliver(Frame::data(5, true, true, Bytes::from_static(b"text")))
             .unwrap();
