@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of backhaul: unit tests and the end-to-end tests that start the four real
-# programs. Installs what the tests need (tinyproxy, openssl, OpenSSH) when it is missing. Extra
+# programs. Installs what the tests need (tinyproxy, openssl, OpenSSH, websocat) when it is missing. Extra
 # arguments go to `cargo test` (e.g. a test name filter). Ends with a line
 # "tests: N passed, N failed", also saved in target/test-summary.txt.
 set -euo pipefail
@@ -22,6 +22,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# websocat (crates.io): the WebSocket client of the HTTP bridge's tests, as its users have it.
+if ! command -v websocat >/dev/null && [ ! -x "$HOME/.cargo/bin/websocat" ]; then
+    echo "test.sh: installing websocat from crates.io (the HTTP bridge tests use it; about 4 minutes)"
+    cargo install websocat --locked --no-default-features --quiet
 fi
 
 # The end-to-end tests run the binaries from target/, so build them first.

@@ -1,9 +1,11 @@
 //! backhaul-backend: a WebSocket server at the private end of the stack. Each WebSocket session
-//! becomes one TCP connection to the target service (see `common::bridge` for the convention).
+//! becomes one TCP connection to the target service (see `common::bridge` for the convention),
+//! or, with `--http-bridge`, a series of HTTP POSTs to an application ([`http_bridge`]).
 //! Handshakes are admitted by [`admission`]: the agent's secret, and the client's `Origin`.
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod http_bridge;
 
 use admission::{OriginPolicy, Refusal};
 use backhaul_common::bridge::{self, BridgeEnd, Wire};
@@ -27,11 +29,21 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open sessions.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
+/// What the backend does with each session.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Connects it to the TCP service at `host:port`.
+    Tcp { target: String },
+    /// POSTs its messages to the application URLs it names (`--http-bridge`).
+    HttpBridge(http_bridge::Settings),
+}
+
 /// The backend's settings, already validated.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The service every session connects to, as `host:port`.
-    pub target: String,
+    pub mode: Mode,
+    /// Serve TLS (`--tls-cert`/`--tls-key`): the agent dials `wss://`, callbacks use `https://`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub connect_timeout: Duration,
     pub max_sessions: usize,
     /// The hash of `--backend-secret`: handshakes must present the secret in
@@ -45,6 +57,8 @@ pub struct Config {
 struct Shared {
     config: Config,
     refusals: Arc<RefusalLog>,
+    bridge: Option<Arc<http_bridge::Bridge>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Serves WebSocket sessions on `listener` until `shutdown`.
@@ -54,9 +68,15 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let limit = Arc::new(Semaphore::new(config.max_sessions));
+    let bridge = match &config.mode {
+        Mode::HttpBridge(settings) => Some(http_bridge::Bridge::new(settings.clone())),
+        Mode::Tcp { .. } => None,
+    };
     let shared = Arc::new(Shared {
+        tls: config.tls.clone().map(tokio_rustls::TlsAcceptor::from),
         config,
         refusals: RefusalLog::new("refused WebSocket handshakes"),
+        bridge,
     });
     let tracker = TaskTracker::new();
     loop {
@@ -72,7 +92,7 @@ pub async fn run(
         let span = tracing::info_span!("session", client.addr = %peer);
         tracker.spawn(
             async move {
-                session(stream, peer, &shared).await;
+                connection(stream, peer, &shared).await;
                 drop(permit);
             }
             .instrument(span),
@@ -88,7 +108,7 @@ pub async fn run(
     Ok(())
 }
 
-type Body = http_body_util::Full<bytes::Bytes>;
+pub(crate) type Body = http_body_util::Full<bytes::Bytes>;
 
 fn refusal(status: StatusCode, msg: &str) -> Response<Body> {
     let mut resp = Response::new(Body::from(format!("{msg}\n")));
@@ -117,39 +137,73 @@ fn log_refusal(shared: &Arc<Shared>, peer: SocketAddr, req: &Request<Incoming>, 
     });
 }
 
-/// Serves one connection: a WebSocket handshake (refusing anything else), then the session.
-async fn session(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
+/// Serves one accepted connection, over TLS when configured.
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
+    let Some(acceptor) = &shared.tls else {
+        return serve(stream, peer, shared).await;
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => serve(tls, peer, shared).await,
+        Ok(Err(e)) => debug!("TLS handshake failed: {e}"),
+        Err(_) => debug!("TLS handshake timed out"),
+    }
+}
+
+/// Serves one connection: a WebSocket handshake (refusing anything else but, in bridge mode,
+/// callback POSTs), then the session.
+async fn serve<IO>(io: IO, peer: SocketAddr, shared: &Arc<Shared>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let config = &shared.config;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let tx = std::sync::Mutex::new(Some(tx));
     let service = hyper::service::service_fn(|mut req: Request<Incoming>| {
         let admitted = admission::admit(req.headers(), config.secret.as_ref(), &config.origins);
+        let bridge = shared.bridge.clone();
         let resp = match (websocket_key(&req), admitted) {
-            (None, _) => refusal(
-                StatusCode::UPGRADE_REQUIRED,
-                "backhaul-backend carries WebSocket sessions; it is dialed by backhaul-agent",
-            ),
+            (None, _) => None,
             (Some(_), Err(why)) => {
                 log_refusal(shared, peer, &req, &why);
-                refusal(why.status(), why.body())
+                Some(refusal(why.status(), why.body()))
             }
             (Some(key), Ok(())) => {
                 let upgrade = hyper::upgrade::on(&mut req);
                 let path = req.uri().to_string();
+                let forwarded_for = req
+                    .headers()
+                    .get("x-forwarded-for")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
                 if let Some(tx) = tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    let _ = tx.send((upgrade, path));
+                    let _ = tx.send((upgrade, path, forwarded_for));
                 }
-                switching_protocols(&key, None)
+                Some(switching_protocols(&key, None))
             }
         };
-        async move { Ok::<_, std::convert::Infallible>(resp) }
+        async move {
+            Ok::<_, std::convert::Infallible>(match (resp, bridge) {
+                (Some(resp), _) => resp,
+                (None, Some(bridge)) => bridge.callback(req).await,
+                (None, None) => refusal(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "backhaul-backend carries WebSocket sessions; it is dialed by backhaul-agent",
+                ),
+            })
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn).await {
+    // A bridge's callers keep connections open for their next callback: hyper's header timeout
+    // bounds how long one may sit idle. Otherwise a connection is one handshake.
+    let served = match &shared.bridge {
+        Some(_) => Ok(conn.await),
+        None => tokio::time::timeout(HANDSHAKE_TIMEOUT, conn).await,
+    };
+    match served {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             debug!("WebSocket handshake failed: {e}");
@@ -160,7 +214,7 @@ async fn session(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
             return;
         }
     }
-    let Ok((upgrade, path)) = rx.await else {
+    let Ok((upgrade, path, forwarded_for)) = rx.await else {
         return; // the connection ended without asking for a WebSocket
     };
     let ws = match upgrade.await {
@@ -170,37 +224,45 @@ async fn session(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
             return;
         }
     };
-    let target = match tokio::time::timeout(
-        config.connect_timeout,
-        TcpStream::connect(&config.target),
-    )
-    .await
-    {
-        Ok(Ok(t)) => t,
-        failed => {
-            let why = match failed {
-                Ok(Err(e)) => e.to_string(),
-                _ => format!("no answer within {:?}", config.connect_timeout),
-            };
-            let reason = format!(
-                "backend could not connect to target {}: {why}",
-                config.target
-            );
-            warn!(path = %path, "{reason}");
-            let (r, w) = tokio::io::split(ws);
-            let mut ws_tx = WsWriter::new(w, Role::Server);
-            let _ = ws_tx.close(Some((1011, &reason))).await;
-            // Wait briefly for the close handshake so the reason reaches the client.
-            WsReader::new(r, Role::Server, 0)
-                .drain(bridge::CLOSE_WAIT)
-                .await;
-            return;
-        }
+    let target = match (&config.mode, &shared.bridge) {
+        (_, Some(bridge)) => return bridge.session(ws, &path, forwarded_for).await,
+        (Mode::Tcp { target }, None) => target,
+        (Mode::HttpBridge(_), None) => return,
     };
-    let _ = target.set_nodelay(true);
-    debug!(path = %path, "connected to target {}", config.target);
+    tcp_session(ws, &path, target, config).await;
+}
 
-    let (r, w) = target.into_split();
+/// Carries one session to the TCP service at `target`.
+async fn tcp_session(
+    ws: TokioIo<hyper::upgrade::Upgraded>,
+    path: &str,
+    target: &str,
+    config: &Config,
+) {
+    let service =
+        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(target)).await {
+            Ok(Ok(t)) => t,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {:?}", config.connect_timeout),
+                };
+                let reason = format!("backend could not connect to target {target}: {why}");
+                warn!(path = %path, "{reason}");
+                let (r, w) = tokio::io::split(ws);
+                let mut ws_tx = WsWriter::new(w, Role::Server);
+                let _ = ws_tx.close(Some((1011, &reason))).await;
+                // Wait briefly for the close handshake so the reason reaches the client.
+                WsReader::new(r, Role::Server, 0)
+                    .drain(bridge::CLOSE_WAIT)
+                    .await;
+                return;
+            }
+        };
+    let _ = service.set_nodelay(true);
+    debug!(path = %path, "connected to target {target}");
+
+    let (r, w) = service.into_split();
     // Google's tcp-bridge frontend asks for its fixed path: answer in its framing.
     let path_only = path.split('?').next().unwrap_or_default();
     let wire = if path_only.ends_with(bridge::GOOGLE_TCPBRIDGE_PATH) {

@@ -12,7 +12,7 @@ pub struct TestCerts {
 }
 
 /// Makes a private CA (`/CN=backhaul test CA`) and a certificate for `localhost`
-/// (`subjectAltName=DNS:localhost`) signed by it, both valid for two days, in a new scratch
+/// (`subjectAltName=DNS:localhost,IP:127.0.0.1`) signed by it, both valid for two days, in a new scratch
 /// directory.
 pub async fn test_certs() -> TestCerts {
     let dir = crate::scratch_dir("tls");
@@ -24,7 +24,7 @@ pub async fn test_certs() -> TestCerts {
     );
     std::fs::write(
         &ext,
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
     )
     .expect("write extensions");
     let p = |path: &PathBuf| path.display().to_string();

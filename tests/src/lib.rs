@@ -11,11 +11,13 @@
 //! - [`wan`]: an emulated WAN path (one-way delay, bandwidth cap per direction);
 //! - [`data`]: deterministic pseudo-random streams and their hashes;
 //! - [`forward_proxy`]: tinyproxy refusing CONNECT, for the agent to go through;
+//! - [`bridge_app`]: the HTTP application behind the backend's `--http-bridge`, and websocat;
 //! - [`sshd`]: a real OpenSSH server with its own keys, for ssh and scp through `--stdio`;
 //! - [`attack`]: raw requests, other client addresses, close timings and memory figures for
 //!   the adversarial tests of the relay's defences.
 
 pub mod attack;
+pub mod bridge_app;
 pub mod certs;
 pub mod checks;
 pub mod data;
@@ -102,7 +104,12 @@ pub struct Program {
 impl Program {
     /// Starts `name` with `args` and extra environment. Proxy variables are cleared unless given.
     pub fn spawn(name: &str, args: &[String], env: &[(String, String)]) -> Program {
-        let (mut child, stderr_path) = Self::start(name, args, env, Stdio::null());
+        let (child, stderr_path) = Self::start(name, args, env, Stdio::null());
+        Self::watched(name, child, stderr_path)
+    }
+
+    /// A started program whose stdout lines [`Program::wait_line`] watches.
+    fn watched(name: &str, mut child: Child, stderr_path: PathBuf) -> Program {
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -129,7 +136,15 @@ impl Program {
         args: &[String],
         env: &[(String, String)],
     ) -> (Program, ChildStdin, ChildStdout) {
-        let (mut child, stderr_path) = Self::start(name, args, env, Stdio::piped());
+        let (child, stderr_path) = Self::start(name, args, env, Stdio::piped());
+        Self::piped(name, child, stderr_path)
+    }
+
+    fn piped(
+        name: &str,
+        mut child: Child,
+        stderr_path: PathBuf,
+    ) -> (Program, ChildStdin, ChildStdout) {
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         let (_, lines) = mpsc::unbounded_channel();
@@ -149,10 +164,20 @@ impl Program {
         env: &[(String, String)],
         stdin: Stdio,
     ) -> (Child, PathBuf) {
+        Self::start_exe(name, bin(name), args, env, stdin)
+    }
+
+    fn start_exe(
+        name: &str,
+        exe: PathBuf,
+        args: &[String],
+        env: &[(String, String)],
+        stdin: Stdio,
+    ) -> (Child, PathBuf) {
         let dir = scratch_dir(name);
         let stderr_path = dir.join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr log");
-        let mut cmd = Command::new(bin(name));
+        let mut cmd = Command::new(exe);
         cmd.args(args)
             .stdin(stdin)
             .stdout(Stdio::piped())
@@ -174,9 +199,33 @@ impl Program {
         (child, stderr_path)
     }
 
+    /// Starts a program that is not one of ours (`exe`, a path or a name on `PATH`), with its
+    /// stdin and stdout handed to the test.
+    pub fn spawn_external_piped(
+        name: &str,
+        exe: &str,
+        args: &[String],
+    ) -> (Program, ChildStdin, ChildStdout) {
+        let (child, stderr_path) =
+            Self::start_exe(name, PathBuf::from(exe), args, &[], Stdio::piped());
+        Self::piped(name, child, stderr_path)
+    }
+
+    /// Starts a program that is not one of ours and waits for its `listening on` line.
+    pub async fn listening_external(name: &str, exe: &str, args: &[String]) -> Program {
+        let (child, stderr_path) =
+            Self::start_exe(name, PathBuf::from(exe), args, &[], Stdio::null());
+        Self::with_ready_line(name, child, stderr_path).await
+    }
+
     /// Starts a program and waits for its `listening on` line.
     pub async fn listening(name: &str, args: &[String], env: &[(String, String)]) -> Program {
-        let mut p = Program::spawn(name, args, env);
+        let (child, stderr_path) = Self::start(name, args, env, Stdio::null());
+        Self::with_ready_line(name, child, stderr_path).await
+    }
+
+    async fn with_ready_line(name: &str, child: Child, stderr_path: PathBuf) -> Program {
+        let mut p = Self::watched(name, child, stderr_path);
         let line = p.wait_line("listening on ").await;
         let addr = line
             .rsplit("listening on ")
