@@ -13,7 +13,7 @@
 //! random and the URL answers only while the session lives. docs/protocol.md ("The HTTP
 //! bridge") is the reference for the headers, types, retries and close codes.
 
-use backhaul_common::ws::{Event, Role, WsError, WsReader, WsWriter};
+use backhaul_common::ws::{is_sendable_close_code, Event, Role, WsError, WsReader, WsWriter};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -26,7 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::WriteHalf;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use url::Url;
 use uuid::Uuid;
@@ -47,8 +48,9 @@ pub const BINARY_TYPE: &str = "application/octet-stream";
 pub const MAX_WAITING_CALLBACKS: usize = 16;
 /// How long a callback's body may take to arrive.
 const CALLBACK_BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a callback may wait for its session's client to take the message.
-const CALLBACK_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest one frame may take to be written to a client; one that stops reading for this long
+/// is dropped (its waiting callbacks get 404).
+const WRITE_STALL: Duration = Duration::from_secs(30);
 /// The first pause between attempts of a POST; it doubles each time.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
 /// Most bytes of an application's answer read (and dropped) so its connection can be reused.
@@ -153,9 +155,22 @@ fn retryable(status: StatusCode) -> bool {
 
 type Sink = WsWriter<WriteHalf<TokioIo<Upgraded>>>;
 
+/// What a session's writer sends its client, in the order queued.
+enum Out {
+    /// A callback's message; `done` hears whether it was written.
+    Message {
+        text: bool,
+        body: Bytes,
+        done: oneshot::Sender<bool>,
+    },
+    Pong(Bytes),
+    /// The last frame: nothing is written after it.
+    Close(Option<(u16, String)>),
+}
+
 /// The sending side of a live session, reachable through its callback URL.
 struct Callbacks {
-    sink: tokio::sync::Mutex<Sink>,
+    out: mpsc::Sender<Out>,
     waiting: Semaphore,
     delivered: AtomicU64,
 }
@@ -164,6 +179,97 @@ struct Callbacks {
 pub struct Bridge {
     settings: Settings,
     sessions: Mutex<HashMap<Uuid, Arc<Callbacks>>>,
+}
+
+/// How a session ended, for the client's Close, the disconnect POST and the log.
+#[derive(Debug, Clone)]
+enum Ending {
+    /// The client closed, with this code and reason (`None`: no code).
+    Client(Option<(u16, String)>),
+    /// We closed: the application failed, or the client broke the rules.
+    Closed(u16, String),
+    /// The connection dropped without a Close.
+    Dropped(String),
+}
+
+impl Ending {
+    /// The Close we send, if any.
+    fn reply(&self) -> Option<Option<(u16, String)>> {
+        match self {
+            Ending::Client(Some((code, _))) if is_sendable_close_code(*code) => {
+                Some(Some((*code, String::new())))
+            }
+            Ending::Client(Some(_)) => Some(Some((1000, String::new()))),
+            Ending::Client(None) => Some(None),
+            Ending::Closed(code, reason) => Some(Some((*code, reason.clone()))),
+            Ending::Dropped(_) => None,
+        }
+    }
+
+    /// The code and reason the disconnect POST reports.
+    fn report(&self) -> (Option<u16>, String) {
+        match self {
+            Ending::Client(Some((code, reason))) => (Some(*code), reason.clone()),
+            Ending::Client(None) => (None, String::new()),
+            Ending::Closed(code, reason) => (Some(*code), reason.clone()),
+            Ending::Dropped(why) => (Some(1006), why.clone()),
+        }
+    }
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ending::Client(Some((code, r))) if r.is_empty() => write!(f, "client closed ({code})"),
+            Ending::Client(Some((code, r))) => write!(f, "client closed ({code}: {r})"),
+            Ending::Client(None) => write!(f, "client closed"),
+            Ending::Closed(code, r) => write!(f, "closed by the bridge ({code}: {r})"),
+            Ending::Dropped(why) => write!(f, "dropped: {why}"),
+        }
+    }
+}
+
+/// Writes what `out` queues to the client until a Close, a write error, a write that does not
+/// finish within [`WRITE_STALL`] (a client that stopped reading), or `stop`. A write is never
+/// cut half-way and followed by another frame: after a stall the connection is shut down.
+async fn write_loop(mut sink: Sink, mut out: mpsc::Receiver<Out>, stop: CancellationToken) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = out.recv() => next,
+            _ = stop.cancelled() => None,
+        };
+        let Some(next) = next else { break };
+        let (written, last) = match next {
+            Out::Message { text, body, done } => {
+                let ok = matches!(
+                    tokio::time::timeout(WRITE_STALL, sink.data(text, true, &body)).await,
+                    Ok(Ok(()))
+                );
+                let _ = done.send(ok);
+                (ok, false)
+            }
+            Out::Pong(p) => {
+                let w = tokio::time::timeout(WRITE_STALL, sink.pong(&p)).await;
+                (matches!(w, Ok(Ok(()))), false)
+            }
+            Out::Close(c) => {
+                let c = c.as_ref().map(|(code, r)| (*code, r.as_str()));
+                let w = tokio::time::timeout(WRITE_STALL, sink.close(c)).await;
+                (matches!(w, Ok(Ok(()))), true)
+            }
+        };
+        if !written {
+            debug!("the client did not take a frame within {WRITE_STALL:?}, or the write failed; dropping the connection");
+            break;
+        }
+        if last {
+            break;
+        }
+    }
+    // Whatever is still queued was not written: its callers hear so when `out` is dropped.
+    drop(out);
+    let _ = tokio::time::timeout(CLOSE_WAIT, sink.shutdown()).await;
 }
 
 /// Removes a session from the callback table when it ends, however it ends.
@@ -178,15 +284,10 @@ impl Drop for Registered<'_> {
     }
 }
 
-/// How a session ended, for the disconnect POST and the log.
-enum Ending {
-    /// The client closed, with this code and reason (`None`: no code).
-    Client(Option<(u16, String)>),
-    /// We closed: the application failed, or the client broke the rules.
-    Closed(u16, String),
-    /// The connection dropped without a Close.
-    Dropped(String),
-}
+/// The reason a client gets for 1014. What failed is in the backend's log, not in the reason,
+/// so a client cannot map the private network by the errors it gets back.
+pub const APP_FAILED_REASON: &str =
+    "the application did not take the message (backhaul-backend's log says why)";
 
 impl Bridge {
     pub fn new(settings: Settings) -> Arc<Self> {
@@ -214,15 +315,20 @@ impl Bridge {
             Ok(t) => t,
             Err(reason) => {
                 warn!("refused a bridge session: {reason}");
-                let _ = sink.close(Some((CLOSE_REFUSED, &reason))).await;
+                let _ =
+                    tokio::time::timeout(WRITE_STALL, sink.close(Some((CLOSE_REFUSED, &reason))))
+                        .await;
                 reader.drain(CLOSE_WAIT).await;
                 return;
             }
         };
         let id = Uuid::new_v4();
         let callback = format!("{}/{id}", self.settings.base_url);
+        let (out, out_rx) = mpsc::channel(MAX_WAITING_CALLBACKS + 4);
+        let stop = CancellationToken::new();
+        let writer = write_loop(sink, out_rx, stop.clone());
         let callbacks = Arc::new(Callbacks {
-            sink: tokio::sync::Mutex::new(sink),
+            out: out.clone(),
             waiting: Semaphore::new(MAX_WAITING_CALLBACKS),
             delivered: AtomicU64::new(0),
         });
@@ -235,109 +341,78 @@ impl Bridge {
             forwarded_for: forwarded_for.as_deref(),
         };
         let started = Instant::now();
-        let (mut sent, mut bytes_sent) = (0u64, 0u64);
-        let mut message = BytesMut::new();
-        let mut message_text = None;
-        let ending = loop {
-            let event = match reader.next(self.settings.max_message).await {
-                Ok(ev) => ev,
-                Err(WsError::Eof) => {
-                    break Ending::Dropped("the connection ended without a Close".into())
-                }
-                Err(WsError::Io(e)) => break Ending::Dropped(format!("read failed: {e}")),
-                Err(e) => {
-                    let code = e.close_code().unwrap_or(1002);
-                    break Ending::Closed(code, format!("{e}"));
+        let sent = AtomicU64::new(0);
+        let bytes_sent = AtomicU64::new(0);
+        let run = async {
+            let ending = {
+                // Whole messages, one waiting while the one before is posted: the client's bytes
+                // wait in the stack's flow-control windows, not here.
+                let (messages, mut queued) = mpsc::channel::<(bool, Bytes)>(1);
+                let reading = read_loop(&mut reader, &out, messages, self.settings.max_message);
+                let posting = async {
+                    while let Some((text, body)) = queued.recv().await {
+                        let seq = sent.fetch_add(1, Relaxed) + 1;
+                        bytes_sent.fetch_add(body.len() as u64, Relaxed);
+                        let kind = if text { TEXT_TYPE } else { BINARY_TYPE };
+                        post.send(&target.frame, Some(seq), kind, body).await?;
+                    }
+                    Ok::<(), String>(())
+                };
+                tokio::pin!(reading, posting);
+                tokio::select! {
+                    ending = &mut reading => {
+                        // Answer the client now; the messages it sent before its Close still go
+                        // to the application, in order, before the disconnect POST.
+                        if let Some(close) = ending.reply() {
+                            let _ = out.send(Out::Close(close)).await;
+                        }
+                        drop(registered);
+                        if let Err(why) = posting.await {
+                            warn!("the application did not take a message the client sent before closing: {why}");
+                        }
+                        ending
+                    }
+                    failed = &mut posting => {
+                        let why = failed.err().unwrap_or_default();
+                        warn!("closing the session with {CLOSE_APP_FAILED}: {why}");
+                        let ending = Ending::Closed(CLOSE_APP_FAILED, APP_FAILED_REASON.to_string());
+                        drop(registered);
+                        if let Some(close) = ending.reply() {
+                            let _ = out.send(Out::Close(close)).await;
+                        }
+                        ending
+                    }
                 }
             };
-            match event {
-                Event::Data { text, fin, payload } => {
-                    let text = *message_text.get_or_insert(text);
-                    message.extend_from_slice(&payload);
-                    if !fin {
-                        continue;
-                    }
-                    message_text = None;
-                    let body = message.split().freeze();
-                    if text && std::str::from_utf8(&body).is_err() {
-                        break Ending::Closed(1007, "a text message that is not UTF-8".into());
-                    }
-                    sent += 1;
-                    bytes_sent += body.len() as u64;
-                    let kind = if text { TEXT_TYPE } else { BINARY_TYPE };
-                    if let Err(why) = post.send(&target.frame, Some(sent), kind, body).await {
-                        warn!("closing the session: {why}");
-                        break Ending::Closed(CLOSE_APP_FAILED, why);
+            drop(out);
+            let (code, reason) = ending.report();
+            let disconnect = async {
+                if let Some(url) = &target.disconnect {
+                    let extra = code.map(|c| (CLOSE_CODE_HEADER, c.to_string()));
+                    if let Err(why) = post
+                        .send_with(url, None, TEXT_TYPE, Bytes::from(reason), extra)
+                        .await
+                    {
+                        warn!("the disconnect POST failed: {why}");
                     }
                 }
-                Event::Ping(p) => {
-                    if callbacks.sink.lock().await.pong(&p).await.is_err() {
-                        break Ending::Dropped("could not answer a ping".into());
-                    }
+            };
+            // The client's Close answer and the disconnect POST go on together.
+            tokio::join!(disconnect, async {
+                if matches!(ending, Ending::Closed(..)) {
+                    reader.drain(CLOSE_WAIT).await;
                 }
-                Event::Pong(_) => {}
-                Event::Close(close) => break Ending::Client(close),
-            }
+            });
+            stop.cancel();
+            ending
         };
-        // No callback reaches the client from here on: the URL answers 404 at once.
-        drop(registered);
-        {
-            let mut sink = callbacks.sink.lock().await;
-            match &ending {
-                Ending::Client(Some((code, _))) => {
-                    let code = if backhaul_common::ws::is_sendable_close_code(*code) {
-                        *code
-                    } else {
-                        1000
-                    };
-                    let _ = sink.close(Some((code, ""))).await;
-                }
-                Ending::Client(None) => {
-                    let _ = sink.close(None).await;
-                }
-                Ending::Closed(code, reason) => {
-                    let _ = sink.close(Some((*code, reason))).await;
-                }
-                Ending::Dropped(_) => {}
-            }
-        }
-        let (code, reason) = match &ending {
-            Ending::Client(Some((code, reason))) => (Some(*code), reason.clone()),
-            Ending::Client(None) => (None, String::new()),
-            Ending::Closed(code, reason) => (Some(*code), reason.clone()),
-            Ending::Dropped(why) => (Some(1006), why.clone()),
-        };
-        let disconnect = async {
-            if let Some(url) = &target.disconnect {
-                let extra = code.map(|c| (CLOSE_CODE_HEADER, c.to_string()));
-                if let Err(why) = post
-                    .send_with(url, None, TEXT_TYPE, Bytes::from(reason.clone()), extra)
-                    .await
-                {
-                    warn!("the disconnect POST failed: {why}");
-                }
-            }
-        };
-        // The client's Close answer and the disconnect POST go on together.
-        tokio::join!(disconnect, async {
-            if matches!(ending, Ending::Closed(..)) {
-                reader.drain(CLOSE_WAIT).await;
-            }
-        });
-        let _ = callbacks.sink.lock().await.shutdown().await;
-        let how = match &ending {
-            Ending::Client(Some((code, r))) if r.is_empty() => format!("client closed ({code})"),
-            Ending::Client(Some((code, r))) => format!("client closed ({code}: {r})"),
-            Ending::Client(None) => "client closed".to_string(),
-            Ending::Closed(code, r) => format!("closed by the bridge ({code}: {r})"),
-            Ending::Dropped(why) => format!("dropped: {why}"),
-        };
+        let (ending, ()) = tokio::join!(run, writer);
         info!(
-            messages.to_app = sent,
-            bytes.to_app = bytes_sent,
+            messages.to_app = sent.load(Relaxed),
+            bytes.to_app = bytes_sent.load(Relaxed),
             messages.from_app = callbacks.delivered.load(Relaxed),
             duration_ms = started.elapsed().as_millis() as u64,
-            "bridge session ended: {how}"
+            "bridge session ended: {ending}"
         );
     }
 
@@ -404,37 +479,75 @@ impl Bridge {
                 "a text/* body must be UTF-8 (send other bytes as application/octet-stream)",
             );
         }
-        let write = async {
-            let mut sink = session.sink.lock().await;
-            if sink.is_closed() {
-                return Err(());
+        let (done, written) = oneshot::channel();
+        let queued = session.out.send(Out::Message { text, body, done }).await;
+        if queued.is_ok() && written.await == Ok(true) {
+            session.delivered.fetch_add(1, Relaxed);
+            let mut resp = answer(StatusCode::NO_CONTENT, "");
+            *resp.body_mut() = crate::Body::default();
+            resp.headers_mut().remove(header::CONNECTION);
+            return resp;
+        }
+        answer(
+            StatusCode::NOT_FOUND,
+            "the session ended before the message could be sent",
+        )
+    }
+}
+
+/// Reads the client's frames: whole messages go to `messages` (waiting while it is full),
+/// pings are answered through `out`. Returns how the client's side ended.
+async fn read_loop<R: tokio::io::AsyncRead + Unpin + Send>(
+    reader: &mut WsReader<R>,
+    out: &mpsc::Sender<Out>,
+    messages: mpsc::Sender<(bool, Bytes)>,
+    max_message: usize,
+) -> Ending {
+    let mut message = BytesMut::new();
+    let mut message_text = None;
+    loop {
+        let event = match reader.next(max_message).await {
+            Ok(ev) => ev,
+            Err(WsError::Eof) => {
+                return Ending::Dropped("the connection ended without a Close".into())
             }
-            sink.data(text, true, &body).await.map_err(|_| ())
+            Err(WsError::Io(e)) => return Ending::Dropped(format!("read failed: {e}")),
+            Err(e) => return Ending::Closed(e.close_code().unwrap_or(1002), e.to_string()),
         };
-        match tokio::time::timeout(CALLBACK_WRITE_TIMEOUT, write).await {
-            Ok(Ok(())) => {
-                session.delivered.fetch_add(1, Relaxed);
-                let mut resp = answer(StatusCode::NO_CONTENT, "");
-                *resp.body_mut() = crate::Body::default();
-                resp
+        match event {
+            Event::Data { text, fin, payload } => {
+                let text = *message_text.get_or_insert(text);
+                message.extend_from_slice(&payload);
+                if !fin {
+                    continue;
+                }
+                message_text = None;
+                let body = message.split().freeze();
+                if text && std::str::from_utf8(&body).is_err() {
+                    return Ending::Closed(1007, "a text message that is not UTF-8".into());
+                }
+                if messages.send((text, body)).await.is_err() {
+                    // The poster stopped: the application failed, and the caller closes.
+                    return Ending::Dropped("the application failed".into());
+                }
             }
-            Ok(Err(())) => answer(
-                StatusCode::NOT_FOUND,
-                "the session ended before the message could be sent",
-            ),
-            Err(_) => answer(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the session's client did not take the message within 30 s",
-            ),
+            Event::Ping(p) => {
+                let _ = out.send(Out::Pong(p)).await;
+            }
+            Event::Pong(_) => {}
+            Event::Close(close) => return Ending::Client(close),
         }
     }
 }
 
+/// An answer to a callback. Refusals close the connection, so a caller holds no connection
+/// (and no share of `--max-sessions`) by sending requests that fail.
 fn answer(status: StatusCode, msg: &str) -> Response<crate::Body> {
     let mut resp = Response::new(crate::Body::from(format!("{msg}\n")));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(TEXT_TYPE));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(TEXT_TYPE));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
 

@@ -10,6 +10,7 @@ URLs, as an application of websocket-bridge would:
   POST /broken/frame    always answers 500
   POST /refuse/frame    always answers 403
   POST /slow/frame      answers after 3 s
+  POST /hold/frame      answers once someone POSTs /hold/release, then echoes
   POST /<room>/disconnect   the session ended: recorded, and the session leaves the room
   GET  /events          everything recorded, as JSON
 
@@ -31,6 +32,7 @@ LOCK = threading.Lock()
 EVENTS = []
 ROOMS = {}  # room -> list of callback URLs, in the order they joined
 TRIES = {}  # (callback, seq) -> tries seen
+RELEASE = threading.Event()  # lets /hold/frame answer
 CONTEXT = ssl.create_default_context(cafile=sys.argv[1]) if len(sys.argv) > 1 else None
 
 
@@ -97,6 +99,9 @@ class Handler(BaseHTTPRequestHandler):
                 if callback in ROOMS.get(room, []):
                     ROOMS[room].remove(callback)
             return self.answer(204)
+        if room == "hold" and what == "release":
+            RELEASE.set()
+            return self.answer(204)
         if what != "frame":
             return self.answer(404)
         if room == "broken":
@@ -107,6 +112,8 @@ class Handler(BaseHTTPRequestHandler):
         if room == "slow":
             time.sleep(3)
             return self.answer(204)
+        if room == "hold":
+            RELEASE.wait(30)
         if room == "flaky":
             with LOCK:
                 tries = TRIES.get((callback, seq), 0) + 1
