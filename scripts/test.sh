@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of backhaul: unit tests and the end-to-end tests that start the four real
-# programs. Installs what the tests need (tinyproxy, openssl, OpenSSH, websocat) when it is missing. Extra
+# programs. Installs what the tests need (tinyproxy, openssl, OpenSSH, Chromium, websocat) when it is missing. Extra
 # arguments go to `cargo test` (e.g. a test name filter). Ends with a line
 # "tests: N passed, N failed", also saved in target/test-summary.txt.
 set -euo pipefail
@@ -16,6 +16,8 @@ command -v openssl >/dev/null || missing+=(openssl)
 for c in ssh scp ssh-keygen; do
     command -v "$c" >/dev/null || { missing+=(openssh-client); break; }
 done
+# Chromium: the status page test renders the relay's /status as a browser does.
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]} (the end-to-end tests need them)"
     sudo=""

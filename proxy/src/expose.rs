@@ -200,7 +200,11 @@ async fn serve_port(exposer: Arc<Exposer>, ctx: Arc<Ctx>, backend: String, liste
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) if !exposer.admits(&backend, peer.ip()) => {
                     drop(tcp);
-                    ctx.auth.log_refusal(|| format!("refused a client of backend '{backend}' from {peer}: not in the exposed port's allowlist"));
+                    let line = format!("refused a client of backend '{backend}' from {peer}: not in the exposed port's allowlist");
+                    ctx.hub
+                        .metrics
+                        .refused(crate::metrics::Refused::ExposeAllowlist, || line.clone());
+                    ctx.auth.log_refusal(|| line);
                 }
                 Ok((tcp, peer)) => {
                     let span = tracing::info_span!("session", backend.id = %backend, client.addr = %peer);

@@ -3,9 +3,10 @@
 
 use crate::auth::{Auth, Refusal};
 use crate::expose::ExposeError;
-use crate::hub::{Hub, HubError, Pushed, RelaySession};
+use crate::hub::{Hub, HubError, Pushed, RelaySession, Transport};
+use crate::metrics::{ExchangeLabel, Refused};
 use backhaul_common::api::{self, Hello, OpenRequest, Opened, LINKS_PATH, PROTOCOL_VERSION};
-use backhaul_common::secret;
+use backhaul_common::secret::{self, SecretHash};
 use backhaul_common::session::{pump, FrameSink, WsSide};
 use backhaul_common::transport::ChunkSource;
 use backhaul_common::wire::{Batch, BatchReader, Frame, Kind};
@@ -19,6 +20,7 @@ use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
@@ -27,7 +29,7 @@ const MAX_HELLO_BYTES: usize = 16 * 1024;
 
 pub type Body = BoxBody<Bytes, std::convert::Infallible>;
 
-fn full(b: impl Into<Bytes>) -> Body {
+pub(crate) fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).boxed()
 }
 
@@ -42,6 +44,11 @@ pub struct Ctx {
     pub secure: bool,
     /// Exposed ports, when the relay offers them (`--expose-ports`).
     pub exposer: Option<Arc<crate::expose::Exposer>>,
+    /// The hash of `--admin-token`: `/metrics` and `/status` need it. `None`: they answer
+    /// only clients on loopback.
+    pub admin: Option<SecretHash>,
+    /// Cancelled when the relay starts draining: `/readyz` then answers 503.
+    pub draining: CancellationToken,
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
@@ -142,6 +149,31 @@ pub async fn handle(
             StatusCode::OK,
             format!("ok ({} agent links)", ctx.hub.link_count()),
         )
+    } else if path == "/readyz" {
+        if ctx.draining.is_cancelled() {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining: shutting down, send no new sessions here",
+            )
+        } else {
+            text(StatusCode::OK, "ready")
+        }
+    } else if path == "/metrics" || path == "/status" {
+        match admin_refusal(&ctx, peer, &req) {
+            Some(refused) => refused,
+            None if path == "/metrics" => {
+                ctx.hub.update_gauges();
+                let mut resp = Response::new(full(ctx.hub.metrics.encode()));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                resp
+            }
+            None => crate::status::page(&ctx.hub),
+        }
     } else if let Some((backend, rest)) = api::split_session_path(&path) {
         let backend = backend.to_string();
         let rest = rest.to_string();
@@ -149,9 +181,11 @@ pub async fn handle(
         match policy.client(&backend, secret::presented(req.headers())) {
             Ok(()) => frontend_session(ctx, peer, req, backend, rest).await,
             Err(why) => {
-                ctx.auth.log_refusal(|| {
-                    format!("refused a session to backend '{backend}' from {peer}: {why}")
-                });
+                let line = format!("refused a session to backend '{backend}' from {peer}: {why}");
+                ctx.hub
+                    .metrics
+                    .refused(Refused::ClientCredential, || line.clone());
+                ctx.auth.log_refusal(|| line);
                 unauthorized(why, Party::Client)
             }
         }
@@ -253,12 +287,14 @@ async fn agent_api(
             {
                 Ok(c) => c,
                 Err(why) => {
-                    ctx.auth.log_refusal(|| {
-                        format!(
-                            "refused an agent registering for backend '{}' from {peer}: {why}",
-                            hello.backend_id
-                        )
-                    });
+                    let line = format!(
+                        "refused an agent registering for backend '{}' from {peer}: {why}",
+                        hello.backend_id
+                    );
+                    ctx.hub
+                        .metrics
+                        .refused(Refused::AgentCredential, || line.clone());
+                    ctx.auth.log_refusal(|| line);
                     return unauthorized(why, Party::Agent);
                 }
             };
@@ -277,12 +313,14 @@ async fn agent_api(
                     match result {
                         Ok(e) => Some(e),
                         Err(e) => {
-                            ctx.auth.log_refusal(|| {
-                                format!(
-                                    "refused to expose backend '{}' for the agent at {peer}: {e}",
-                                    hello.backend_id
-                                )
-                            });
+                            let line = format!(
+                                "refused to expose backend '{}' for the agent at {peer}: {e}",
+                                hello.backend_id
+                            );
+                            ctx.hub
+                                .metrics
+                                .refused(Refused::ExposeRequest, || line.clone());
+                            ctx.auth.log_refusal(|| line);
                             let status = match e {
                                 ExposeError::NotOffered => StatusCode::FORBIDDEN,
                                 ExposeError::Exhausted(..) => StatusCode::SERVICE_UNAVAILABLE,
@@ -321,21 +359,35 @@ async fn agent_api(
                 Ok(l) => l,
                 Err(resp) => return *resp,
             };
-            match hub.poll(&link, ack, round).await {
+            hub.note_transport(&link, Transport::LongPoll);
+            let started = std::time::Instant::now();
+            let answer = match hub.poll(&link, ack, round).await {
                 Ok(body) => batch(body),
                 Err(e) => link_error(hub, &link, e),
-            }
+            };
+            hub.metrics
+                .exchange_seconds
+                .get_or_create(&ExchangeLabel { kind: "poll" })
+                .observe(started.elapsed().as_secs_f64());
+            answer
         }
         (Method::POST, id, "push") if !id.is_empty() => {
             let (link, _guard) = match enter_link(&ctx, peer, &req, id) {
                 Ok(l) => l,
                 Err(resp) => return *resp,
             };
+            hub.note_transport(&link, Transport::LongPoll);
+            let started = std::time::Instant::now();
             let limit = hub.cfg.max_batch_bytes * 2 + 64 * 1024;
-            match push(hub, &link, req, limit).await {
+            let answer = match push(hub, &link, req, limit).await {
                 Ok(body) => batch(body),
                 Err(e) => link_error(hub, &link, e),
-            }
+            };
+            hub.metrics
+                .exchange_seconds
+                .get_or_create(&ExchangeLabel { kind: "push" })
+                .observe(started.elapsed().as_secs_f64());
+            answer
         }
         (Method::GET, id, "ws") if !id.is_empty() => agent_websocket(&ctx, peer, req, id),
         (Method::POST, id, "stream") if !id.is_empty() => agent_h2_stream(&ctx, peer, req, id),
@@ -406,6 +458,7 @@ fn agent_websocket(
         Ok(s) => s,
         Err(resp) => return *resp,
     };
+    ctx.hub.note_transport(&start.link, Transport::WebSocket);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hub = ctx.hub.clone();
     ctx.sessions.spawn(async move {
@@ -448,6 +501,7 @@ fn agent_h2_stream(
         Ok(s) => s,
         Err(resp) => return *resp,
     };
+    ctx.hub.note_transport(&start.link, Transport::Http2);
     let (tx, chunks) = backhaul_common::transport::ChannelTx::new();
     let hub = ctx.hub.clone();
     let max_batch = hub.cfg.max_batch_bytes;
@@ -806,6 +860,8 @@ pub(crate) async fn carry_session(
         }
     };
     hub.close_session(&session);
+    hub.metrics
+        .session_ended(&session.backend, summary.sent, summary.received);
     info!(
         bytes.up = summary.sent,
         bytes.down = summary.received,
@@ -826,6 +882,41 @@ async fn expire_unclaimed(session: Arc<RelaySession>, timeout: Duration) {
         warn!("{reason}");
     }
     std::future::pending::<()>().await
+}
+
+/// `None` when the request may see `/metrics` and `/status`: it carries the admin token, or
+/// (with no `--admin-token`) it comes from loopback. Otherwise the refusal to send.
+fn admin_refusal(ctx: &Ctx, peer: SocketAddr, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let refuse = |status, msg: &str| {
+        ctx.hub.metrics.refused(Refused::Admin, || {
+            format!("refused {} from {peer}: {msg}", req.uri().path())
+        });
+        let mut resp = text(status, msg);
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        Some(resp)
+    };
+    match &ctx.admin {
+        None if peer.ip().is_loopback() => None,
+        None => refuse(
+            StatusCode::FORBIDDEN,
+            "this relay has no --admin-token, so /metrics and /status answer only on loopback; start it with --admin-token-file to reach them from elsewhere",
+        ),
+        Some(want) => {
+            let ok = secret::presented(req.headers())
+                .is_some_and(|p| SecretHash::of(p.as_bytes()).matches(want));
+            if ok {
+                None
+            } else {
+                refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "send the relay's admin token: Authorization: Bearer <--admin-token>",
+                )
+            }
+        }
+    }
 }
 
 #[cfg(test)]

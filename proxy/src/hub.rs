@@ -5,6 +5,7 @@
 //! Lock order: the hub's lock, then a session's state lock, then a link's state lock. A lock may be
 //! taken while holding one earlier in that order, never one later than it.
 
+use crate::metrics::{Metrics, Refused};
 use backhaul_common::api::{LinkInfo, OpenRequest};
 use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor, StreamNext};
 use backhaul_common::secret::SecretHash;
@@ -70,6 +71,8 @@ pub enum HubError {
 /// Everything the relay knows.
 pub struct Hub {
     pub cfg: HubConfig,
+    /// What the relay counts (`/metrics`, `/status`).
+    pub metrics: Arc<Metrics>,
     inner: Mutex<HubInner>,
     next_session: AtomicU32,
     /// Set by [`Hub::shutdown`]: dying links' sessions are closed, not re-queued.
@@ -111,6 +114,11 @@ pub struct Link {
     pub id: String,
     pub backend: String,
     pub agent: String,
+    /// Where the agent registered from, and when.
+    pub addr: std::net::SocketAddr,
+    pub registered: Instant,
+    /// The transport the agent used last ([`Transport`] as a number; 0: none yet).
+    transport: std::sync::atomic::AtomicU8,
     /// The credential the agent registered with: every later request on the link must present
     /// it too. `None` when the relay requires none of agents.
     pub credential: Option<SecretHash>,
@@ -303,7 +311,39 @@ impl RelaySession {
     }
 }
 
+/// The transports an agent link can use (docs/protocol.md "Transports").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket = 1,
+    Http2 = 2,
+    LongPoll = 3,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Http2 => "http2",
+            Transport::LongPoll => "longpoll",
+        }
+    }
+
+    fn from_u8(n: u8) -> Option<Self> {
+        match n {
+            1 => Some(Transport::WebSocket),
+            2 => Some(Transport::Http2),
+            3 => Some(Transport::LongPoll),
+            _ => None,
+        }
+    }
+}
+
 impl Link {
+    /// The transport the agent used last, if it has used one.
+    pub fn transport(&self) -> Option<Transport> {
+        Transport::from_u8(self.transport.load(Ordering::Relaxed))
+    }
+
     /// The link ID shortened for logs: enough to tell links apart, too little to use one (a link
     /// ID is half of what a request on the link needs; the other half is the credential).
     pub fn short_id(&self) -> &str {
@@ -341,6 +381,29 @@ impl Link {
     }
 }
 
+/// One backend as the status page shows it.
+#[derive(Debug, Clone)]
+pub struct BackendStatus {
+    pub id: String,
+    pub links: Vec<LinkStatus>,
+    /// Sessions held (bound or waiting).
+    pub sessions: usize,
+    /// Of those, waiting for an agent.
+    pub pending: usize,
+}
+
+/// One agent link as the status page shows it.
+#[derive(Debug, Clone)]
+pub struct LinkStatus {
+    pub id: String,
+    pub agent: String,
+    pub addr: std::net::SocketAddr,
+    pub transport: Option<Transport>,
+    pub connected_for: Duration,
+    pub last_seen: Duration,
+    pub sessions: usize,
+}
+
 /// Keeps a link marked busy while an agent request is being served.
 pub struct InFlight(Arc<Link>);
 
@@ -359,6 +422,7 @@ impl Hub {
         };
         Self {
             cfg,
+            metrics: Arc::new(Metrics::new()),
             inner: Mutex::new(HubInner::default()),
             next_session: AtomicU32::new(1),
             shutting_down: AtomicBool::new(false),
@@ -390,6 +454,9 @@ impl Hub {
             id: uuid::Uuid::new_v4().to_string(),
             backend: backend.to_string(),
             agent: agent.to_string(),
+            addr,
+            registered: Instant::now(),
+            transport: std::sync::atomic::AtomicU8::new(0),
             credential,
             state: Mutex::new(LinkState {
                 send: SendBuffer::new(),
@@ -412,6 +479,10 @@ impl Hub {
         let b = inner.backends.entry(backend.to_string()).or_default();
         b.links.push(link.clone());
         let credential = credential.map_or_else(|| "none".to_string(), |c| c.fingerprint());
+        self.metrics
+            .registrations
+            .get_or_create(&self.metrics.backend(backend))
+            .inc();
         info!(link.id = link.short_id(), backend.id = backend, agent = agent, agent.addr = %addr, credential, agents = b.links.len(), "agent registered");
         link
     }
@@ -441,12 +512,48 @@ impl Hub {
         Ok((link, guard))
     }
 
+    /// Opens a session (see [`Hub::try_open_session`]) and counts it, or its refusal.
+    #[allow(clippy::type_complexity)]
+    pub fn open_session(
+        &self,
+        backend: &str,
+        open: &OpenRequest,
+        client: IpAddr,
+        backend_cap: Option<usize>,
+    ) -> Result<
+        (
+            Arc<RelaySession>,
+            SessionPeer,
+            Option<tokio::sync::oneshot::Receiver<Frame>>,
+        ),
+        HubError,
+    > {
+        let opened = self.try_open_session(backend, open, client, backend_cap);
+        let m = &self.metrics;
+        match &opened {
+            Ok(_) => {
+                m.sessions_opened.get_or_create(&m.backend(backend)).inc();
+            }
+            Err(e) => {
+                let why = match e {
+                    HubError::NoAgent(_) => Refused::NoAgent,
+                    HubError::PendingFull(..) => Refused::PendingFull,
+                    _ => Refused::SessionLimit,
+                };
+                m.refused(why, || {
+                    format!("a session to backend '{backend}' from {client}: {e}")
+                });
+            }
+        }
+        opened
+    }
+
     /// Opens a session for a frontend. Fails at once when no agent serves the backend.
     ///
     /// When the client offered subprotocols, the third value receives the agent's OPENED (with
     /// the backend's choice) or CLOSE, so the upgrade can be answered with the real choice.
     #[allow(clippy::type_complexity)]
-    pub fn open_session(
+    fn try_open_session(
         &self,
         backend: &str,
         open: &OpenRequest,
@@ -605,6 +712,8 @@ impl Hub {
                 return Ok(self.empty_batch(&st));
             }
             if round > st.poll_round {
+                let resent = st.poll_next.saturating_sub(st.send.base());
+                self.metrics.frames_resent.inc_by(resent);
                 st.poll_round = round;
                 st.generation += 1;
                 st.poll_next = st.send.base();
@@ -742,6 +851,9 @@ impl Hub {
                 Arrival::Deliver => {}
             }
             let id = frame.session;
+            if frame.is_blocked() {
+                self.metrics.window_stalls.inc();
+            }
             match frame.kind {
                 Kind::Open => {
                     return Err(protocol("agent sent an OPEN frame".into()));
@@ -907,6 +1019,94 @@ impl Hub {
     }
 
     /// Number of live agent links (for health output).
+    /// Notes that `link` is being served over `transport`, counting a change of transport.
+    pub fn note_transport(&self, link: &Link, transport: Transport) {
+        let before = link.transport.swap(transport as u8, Ordering::Relaxed);
+        if let Some(from) = Transport::from_u8(before).filter(|t| *t != transport) {
+            self.metrics
+                .transport_changes
+                .get_or_create(&crate::metrics::ChangeLabels {
+                    from: from.label(),
+                    to: transport.label(),
+                })
+                .inc();
+        }
+    }
+
+    /// What the status page and the gauges show: every backend with an agent or a session, its
+    /// links and session counts, sorted by backend ID.
+    pub fn snapshot(&self) -> Vec<BackendStatus> {
+        // Copied out under the hub's lock, then each link's state read on its own: never
+        // both locks at once.
+        let backends: Vec<(String, Vec<Arc<Link>>, usize, usize)> = {
+            let inner = lock(&self.inner);
+            let mut ids: Vec<&String> = inner.backends.keys().collect();
+            ids.extend(inner.per_backend.keys());
+            ids.sort();
+            ids.dedup();
+            ids.into_iter()
+                .map(|id| {
+                    let b = inner.backends.get(id);
+                    (
+                        id.clone(),
+                        b.map(|b| b.links.clone()).unwrap_or_default(),
+                        inner.per_backend.get(id).copied().unwrap_or(0),
+                        b.map_or(0, |b| b.pending.len()),
+                    )
+                })
+                .collect()
+        };
+        backends
+            .into_iter()
+            .map(|(id, links, sessions, pending)| BackendStatus {
+                id,
+                links: links
+                    .iter()
+                    .map(|l| {
+                        let st = lock(&l.state);
+                        LinkStatus {
+                            id: l.short_id().to_string(),
+                            agent: l.agent.clone(),
+                            addr: l.addr,
+                            transport: l.transport(),
+                            connected_for: l.registered.elapsed(),
+                            last_seen: st.last_seen.elapsed(),
+                            sessions: st.sessions.len(),
+                        }
+                    })
+                    .collect(),
+                sessions,
+                pending,
+            })
+            .collect()
+    }
+
+    /// Sets the gauges from the hub's state, for a scrape.
+    pub fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.links.clear();
+        m.sessions_open.clear();
+        m.sessions_pending.clear();
+        for b in self.snapshot() {
+            let label = m.backend(&b.id);
+            for l in &b.links {
+                let transport = l.transport.map_or("none", Transport::label).to_string();
+                m.links
+                    .get_or_create(&crate::metrics::LinkLabels {
+                        backend: label.backend.clone(),
+                        transport,
+                    })
+                    .inc();
+            }
+            m.sessions_open
+                .get_or_create(&label)
+                .inc_by(b.sessions as i64);
+            m.sessions_pending
+                .get_or_create(&label)
+                .inc_by(b.pending as i64);
+        }
+    }
+
     pub fn link_count(&self) -> usize {
         lock(&self.inner).links.len()
     }

@@ -7,6 +7,7 @@
 //! - [`expose`]: backends exposed on public TCP ports of their own, for plain TCP clients;
 //! - [`hub`]: which agents serve which backend, pending sessions, the links' reliable streams;
 //! - [`http`]: the HTTP surface that translates requests into hub calls;
+//! - [`metrics`], [`status`]: what the relay counts, as `/metrics` and as the `/status` page;
 //! - [`stream`]: the relay's half of the streaming agent transports (WebSocket, HTTP/2).
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,8 @@ pub mod conn;
 pub mod expose;
 pub mod http;
 pub mod hub;
+pub mod metrics;
+pub mod status;
 pub mod stream;
 
 use anyhow::Context;
@@ -64,6 +67,8 @@ pub struct Config {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Exposed ports; `None`: agents may not ask for one.
     pub expose: Option<expose::ExposeConfig>,
+    /// The hash of `--admin-token` (`/metrics`, `/status`); `None`: loopback only.
+    pub admin: Option<backhaul_common::secret::SecretHash>,
 }
 
 /// Serves the relay on `listener` until `shutdown` is cancelled, then drains.
@@ -87,6 +92,8 @@ pub async fn run(
             .expose
             .clone()
             .map(|c| expose::Exposer::new(c, shutdown.clone())),
+        admin: config.admin,
+        draining: shutdown.clone(),
     });
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
 
@@ -141,7 +148,10 @@ pub async fn run(
             Err(why) => {
                 // Closed at once: a refused client gets a reset, not a slot in the backlog.
                 drop(stream);
-                auth.log_refusal(|| format!("refused a connection from {peer}: {why}"));
+                let line = format!("refused a connection from {peer}: {why}");
+                hub.metrics
+                    .refused(metrics::Refused::ConnectionLimit, || line.clone());
+                auth.log_refusal(|| line);
                 continue;
             }
         };

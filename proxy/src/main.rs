@@ -44,6 +44,13 @@ struct Args {
     /// File holding the client token.
     #[arg(long, env = "BACKHAUL_CLIENT_TOKEN_FILE")]
     client_token_file: Option<PathBuf>,
+    /// Token for /metrics and /status (`Authorization: Bearer <token>`). Without it they
+    /// answer only requests from loopback. Prefer --admin-token-file (a flag shows in `ps`).
+    #[arg(long, env = "BACKHAUL_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// File holding the admin token.
+    #[arg(long, env = "BACKHAUL_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// How long a poll waits for something to send before answering empty (keep well under the
     /// idle timeout of proxies on the agent's path, typically 60 s).
     #[arg(long, env = "BACKHAUL_POLL_HOLD_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
@@ -213,6 +220,13 @@ async fn serve(args: Args) {
         },
         tls,
         expose: None,
+        admin: secret::load(
+            "admin-token",
+            args.admin_token.clone(),
+            args.admin_token_file.as_deref(),
+        )
+        .unwrap_or_else(|e| fail(e))
+        .map(|s| s.hash()),
     };
     check_open_files(args.max_connections + args.max_sessions);
     let listener = backhaul_relay::bind(&args.listen)

@@ -1,0 +1,211 @@
+//! What an operator sees: the relay's `/metrics` (read with a Prometheus text-format parser),
+//! its `/status` page (rendered by headless Chromium, as a browser shows it), `/readyz`, and
+//! the admin credential in front of them.
+
+use backhaul_tests::bridge_app::http;
+use backhaul_tests::checks::{echo_transfer, private_file};
+use backhaul_tests::rawws::RawWs;
+use backhaul_tests::{s, Stack, StackOptions, STEP_TIMEOUT};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ADMIN: &str = "admin-token-for-the-tests-0123456789";
+
+/// The samples of a scrape: `name{labels}` (labels sorted) to value.
+fn scrape(text: &str) -> HashMap<String, f64> {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("the Prometheus parser reads it");
+    parsed
+        .samples
+        .into_iter()
+        .filter_map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => return None,
+            };
+            let mut labels: Vec<String> = s
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{v}\""))
+                .collect();
+            labels.sort();
+            Some((format!("{}{{{}}}", s.metric, labels.join(",")), value))
+        })
+        .collect()
+}
+
+/// A WebSocket for a backend no agent serves: refused with 503.
+async fn refused_for_no_agent(relay: SocketAddr, path: &str) {
+    let head = RawWs::connect(relay, path, &[])
+        .await
+        .err()
+        .expect("refused");
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+}
+
+async fn get(relay: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("authorization", a)])
+        .unwrap_or_default();
+    http(relay, "GET", path, &headers, b"").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_links_sessions_bytes_and_refusals() {
+    let token = private_file("admin.token", ADMIN);
+    let stack = Stack::start(StackOptions {
+        relay_args: vec![s("--admin-token-file"), s(token.display())],
+        backend_id: s("metered"),
+        ..Default::default()
+    })
+    .await;
+    let relay = stack.relay.addr();
+    echo_transfer(stack.entry(), 1, 1 << 20).await;
+    echo_transfer(stack.entry(), 2, 300_000).await;
+    // A session for a backend nobody serves: refused, and counted.
+    refused_for_no_agent(relay, "/b/nobody-here").await;
+
+    let (status, body) = get(relay, "/metrics", None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = get(relay, "/metrics", Some("wrong")).await;
+    assert_eq!(status, 401);
+    let (status, body) = get(relay, "/metrics", Some(ADMIN)).await;
+    assert_eq!(status, 200, "{body}");
+    let m = scrape(&body);
+    let value = |key: &str| {
+        *m.get(key)
+            .unwrap_or_else(|| panic!("no sample {key} in:\n{body}"))
+    };
+    assert_eq!(
+        value(r#"backhaul_relay_agent_links{backend="metered",transport="websocket"}"#),
+        1.0
+    );
+    // The sessions' ends are counted when the relay has closed them, just after the client
+    // saw its echo: look again until they are in.
+    let mut m = m;
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    while m
+        .get(r#"backhaul_relay_sessions_opened_total{backend="metered"}"#)
+        .copied()
+        .unwrap_or(0.0)
+        < 2.0
+        || m.get(r#"backhaul_relay_session_bytes_total{backend="metered",direction="to_client"}"#)
+            .copied()
+            .unwrap_or(0.0)
+            < (1 << 20) as f64 + 300_000.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sessions not counted: {m:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        m = scrape(&get(relay, "/metrics", Some(ADMIN)).await.1);
+    }
+    let to_backend =
+        m[r#"backhaul_relay_session_bytes_total{backend="metered",direction="to_backend"}"#];
+    assert_eq!(to_backend, (1 << 20) as f64 + 300_000.0);
+    assert_eq!(m[r#"backhaul_relay_sessions_open{backend="metered"}"#], 0.0);
+    assert_eq!(
+        m[r#"backhaul_relay_agent_registrations_total{backend="metered"}"#],
+        1.0
+    );
+    assert!(m[r#"backhaul_relay_refusals_total{reason="no_agent"}"#] >= 1.0);
+    assert!(m[r#"backhaul_relay_refusals_total{reason="admin_credential"}"#] >= 2.0);
+    // A made-up backend ID makes no series of its own.
+    assert!(!m.keys().any(|k| k.contains("nobody-here")), "{m:?}");
+
+    let (status, body) = get(relay, "/readyz", None).await;
+    assert_eq!((status, body.trim()), (200, "ready"));
+}
+
+/// Chromium from Debian's `chromium` package (scripts/test.sh installs it).
+fn chromium() -> &'static str {
+    for c in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
+        if Path::new(c).exists() {
+            return c;
+        }
+    }
+    panic!("chromium is missing: run `apt-get install -y chromium` (scripts/test.sh does)")
+}
+
+async fn headless(args: &[String]) -> String {
+    let profile = backhaul_tests::scratch_dir("chromium");
+    let mut cmd = tokio::process::Command::new(chromium());
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .args(args)
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(STEP_TIMEOUT, cmd.output())
+        .await
+        .expect("chromium finished in time")
+        .expect("chromium runs");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_backends_agents_sessions_and_refusals_in_a_browser() {
+    // No --admin-token: the page answers loopback, which is where the browser is.
+    let stack = Stack::start(StackOptions {
+        backend_id: s("office-ssh"),
+        ..Default::default()
+    })
+    .await;
+    let relay = stack.relay.addr();
+    // One live session held open while the page is read, and one refusal.
+    let mut live = tokio::net::TcpStream::connect(stack.entry()).await.unwrap();
+    live.write_all(b"hello").await.unwrap();
+    let mut echo = [0u8; 5];
+    tokio::time::timeout(STEP_TIMEOUT, live.read_exact(&mut echo))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    refused_for_no_agent(relay, "/b/ghost").await;
+
+    let url = format!("http://{relay}/status");
+    let dom = headless(&[s("--dump-dom"), url.clone()]).await;
+    for text in [
+        "backhaul relay",
+        "office-ssh",
+        "1 open",
+        "websocket",
+        "backhaul-agent/",
+        "Recent refusals",
+        "no_agent",
+    ] {
+        assert!(dom.contains(text), "the page lacks {text:?}:\n{dom}");
+    }
+
+    // A phone-sized screenshot, kept in docs/ when asked for (BACKHAUL_UPDATE_SCREENSHOT=1).
+    let shot: PathBuf = if std::env::var_os("BACKHAUL_UPDATE_SCREENSHOT").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/status-page.png")
+    } else {
+        backhaul_tests::scratch_dir("screenshot").join("status-page.png")
+    };
+    headless(&[
+        format!("--screenshot={}", shot.display()),
+        s("--window-size=412,915"),
+        s("--hide-scrollbars"),
+        url,
+    ])
+    .await;
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    drop(live);
+}
