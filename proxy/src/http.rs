@@ -44,9 +44,8 @@ pub struct Ctx {
     pub secure: bool,
     /// Exposed ports, when the relay offers them (`--expose-ports`).
     pub exposer: Option<Arc<crate::expose::Exposer>>,
-    /// The hash of `--admin-token`: `/metrics` and `/status` need it. `None`: they answer
-    /// only clients on loopback.
-    pub admin: Option<SecretHash>,
+    /// Who may read `/metrics` and `/status`.
+    pub admin: crate::AdminAccess,
     /// Cancelled when the relay starts draining: `/readyz` then answers 503.
     pub draining: CancellationToken,
 }
@@ -162,8 +161,7 @@ pub async fn handle(
         match admin_refusal(&ctx, peer, &req) {
             Some(refused) => refused,
             None if path == "/metrics" => {
-                ctx.hub.update_gauges();
-                let mut resp = Response::new(full(ctx.hub.metrics.encode()));
+                let mut resp = Response::new(full(ctx.hub.scrape()));
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static(
@@ -234,8 +232,11 @@ fn enter_link(
         .enter(id, secret::presented(req.headers()))
         .map_err(|e| {
             if let HubError::WrongCredential(_) = &e {
-                ctx.auth
-                    .log_refusal(|| format!("refused a request from {peer}: {e}"));
+                let line = format!("refused a request from {peer}: {e}");
+                ctx.hub
+                    .metrics
+                    .refused(Refused::AgentCredential, || line.clone());
+                ctx.auth.log_refusal(|| line);
             }
             Box::new(hub_error(e))
         })
@@ -458,7 +459,6 @@ fn agent_websocket(
         Ok(s) => s,
         Err(resp) => return *resp,
     };
-    ctx.hub.note_transport(&start.link, Transport::WebSocket);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hub = ctx.hub.clone();
     ctx.sessions.spawn(async move {
@@ -472,6 +472,7 @@ fn agent_websocket(
                 return;
             }
         };
+        hub.note_transport(&start.link, Transport::WebSocket);
         let (tx, rx) = backhaul_common::transport::ws_halves(
             TokioIo::new(upgraded),
             Role::Server,
@@ -885,7 +886,7 @@ async fn expire_unclaimed(session: Arc<RelaySession>, timeout: Duration) {
 }
 
 /// `None` when the request may see `/metrics` and `/status`: it carries the admin token, or
-/// (with no `--admin-token`) it comes from loopback. Otherwise the refusal to send.
+/// comes from loopback with `--admin-loopback`. Otherwise the refusal to send.
 fn admin_refusal(ctx: &Ctx, peer: SocketAddr, req: &Request<Incoming>) -> Option<Response<Body>> {
     let refuse = |status, msg: &str| {
         ctx.hub.metrics.refused(Refused::Admin, || {
@@ -899,12 +900,12 @@ fn admin_refusal(ctx: &Ctx, peer: SocketAddr, req: &Request<Incoming>) -> Option
         Some(resp)
     };
     match &ctx.admin {
-        None if peer.ip().is_loopback() => None,
-        None => refuse(
+        crate::AdminAccess::Loopback if peer.ip().to_canonical().is_loopback() => None,
+        crate::AdminAccess::Off | crate::AdminAccess::Loopback => refuse(
             StatusCode::FORBIDDEN,
-            "this relay has no --admin-token, so /metrics and /status answer only on loopback; start it with --admin-token-file to reach them from elsewhere",
+            "/metrics and /status need the relay's --admin-token-file (or --admin-loopback, for requests from this host only)",
         ),
-        Some(want) => {
+        crate::AdminAccess::Token(want) => {
             let ok = secret::presented(req.headers())
                 .is_some_and(|p| SecretHash::of(p.as_bytes()).matches(want));
             if ok {

@@ -479,11 +479,12 @@ impl Hub {
         let b = inner.backends.entry(backend.to_string()).or_default();
         b.links.push(link.clone());
         let credential = credential.map_or_else(|| "none".to_string(), |c| c.fingerprint());
+        info!(link.id = link.short_id(), backend.id = backend, agent = agent, agent.addr = %addr, credential, agents = b.links.len(), "agent registered");
+        drop(inner);
         self.metrics
             .registrations
             .get_or_create(&self.metrics.backend(backend))
             .inc();
-        info!(link.id = link.short_id(), backend.id = backend, agent = agent, agent.addr = %addr, credential, agents = b.links.len(), "agent registered");
         link
     }
 
@@ -1018,7 +1019,6 @@ impl Hub {
         }
     }
 
-    /// Number of live agent links (for health output).
     /// Notes that `link` is being served over `transport`, counting a change of transport.
     pub fn note_transport(&self, link: &Link, transport: Transport) {
         let before = link.transport.swap(transport as u8, Ordering::Relaxed);
@@ -1081,8 +1081,20 @@ impl Hub {
             .collect()
     }
 
-    /// Sets the gauges from the hub's state, for a scrape.
-    pub fn update_gauges(&self) {
+    /// The metrics in the text format, gauges read from the hub now. Scrapes take turns: the
+    /// gauges are cleared and refilled for each.
+    pub fn scrape(&self) -> String {
+        let _turn = self
+            .metrics
+            .scrape
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.update_gauges();
+        self.metrics.encode()
+    }
+
+    /// Sets the gauges from the hub's state (under [`Metrics::scrape`]).
+    fn update_gauges(&self) {
         let m = &self.metrics;
         m.links.clear();
         m.sessions_open.clear();
@@ -1107,6 +1119,7 @@ impl Hub {
         }
     }
 
+    /// Number of live agent links (for health output).
     pub fn link_count(&self) -> usize {
         lock(&self.inner).links.len()
     }

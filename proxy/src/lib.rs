@@ -67,8 +67,21 @@ pub struct Config {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Exposed ports; `None`: agents may not ask for one.
     pub expose: Option<expose::ExposeConfig>,
-    /// The hash of `--admin-token` (`/metrics`, `/status`); `None`: loopback only.
-    pub admin: Option<backhaul_common::secret::SecretHash>,
+    /// Who may read `/metrics` and `/status`.
+    pub admin: AdminAccess,
+}
+
+/// Who may read `/metrics` and `/status`.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum AdminAccess {
+    /// Nobody (neither `--admin-token` nor `--admin-loopback`).
+    #[default]
+    Off,
+    /// Requests from loopback (`--admin-loopback`): only safe when nothing on the relay's host
+    /// forwards outside traffic to it.
+    Loopback,
+    /// Requests carrying the token with this hash (`--admin-token[-file]`).
+    Token(backhaul_common::secret::SecretHash),
 }
 
 /// Serves the relay on `listener` until `shutdown` is cancelled, then drains.

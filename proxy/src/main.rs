@@ -4,7 +4,7 @@ use backhaul_relay::auth::Policy;
 use backhaul_relay::conn::{self, ConnConfig};
 use backhaul_relay::expose;
 use backhaul_relay::hub::HubConfig;
-use backhaul_relay::Config;
+use backhaul_relay::{AdminAccess, Config};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -44,13 +44,18 @@ struct Args {
     /// File holding the client token.
     #[arg(long, env = "BACKHAUL_CLIENT_TOKEN_FILE")]
     client_token_file: Option<PathBuf>,
-    /// Token for /metrics and /status (`Authorization: Bearer <token>`). Without it they
-    /// answer only requests from loopback. Prefer --admin-token-file (a flag shows in `ps`).
+    /// Token for /metrics and /status (`Authorization: Bearer <token>`); without it (or
+    /// --admin-loopback) they are off. Prefer --admin-token-file (a flag shows in `ps`).
     #[arg(long, env = "BACKHAUL_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
     /// File holding the admin token.
     #[arg(long, env = "BACKHAUL_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// Serve /metrics and /status without a token to requests from loopback (ssh -L, a local
+    /// Prometheus). Do not use it when something on this host forwards outside traffic to the
+    /// relay (a reverse proxy, a tunnel): those requests come from loopback too.
+    #[arg(long, env = "BACKHAUL_ADMIN_LOOPBACK", conflicts_with_all = ["admin_token", "admin_token_file"])]
+    admin_loopback: bool,
     /// How long a poll waits for something to send before answering empty (keep well under the
     /// idle timeout of proxies on the agent's path, typically 60 s).
     #[arg(long, env = "BACKHAUL_POLL_HOLD_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
@@ -220,13 +225,17 @@ async fn serve(args: Args) {
         },
         tls,
         expose: None,
-        admin: secret::load(
+        admin: match secret::load(
             "admin-token",
             args.admin_token.clone(),
             args.admin_token_file.as_deref(),
         )
         .unwrap_or_else(|e| fail(e))
-        .map(|s| s.hash()),
+        {
+            Some(token) => AdminAccess::Token(token.hash()),
+            None if args.admin_loopback => AdminAccess::Loopback,
+            None => AdminAccess::Off,
+        },
     };
     check_open_files(args.max_connections + args.max_sessions);
     let listener = backhaul_relay::bind(&args.listen)

@@ -13,14 +13,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 /// Distinct backend IDs that get series of their own.
 pub const MAX_BACKEND_SERIES: usize = 1000;
-/// Refusals kept for the status page.
-pub const RECENT_REFUSALS: usize = 20;
+/// Refusals kept for the status page, per reason: a flood of one kind (scanners, a connection
+/// flood) cannot push the others out.
+pub const RECENT_REFUSALS: usize = 5;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabel {
@@ -119,7 +120,9 @@ pub struct Metrics {
     pub frames_resent: Counter,
     pub window_stalls: Counter,
     backends: Mutex<HashSet<String>>,
-    recent: Mutex<VecDeque<RecentRefusal>>,
+    recent: Mutex<HashMap<&'static str, VecDeque<RecentRefusal>>>,
+    /// Held while a scrape sets the gauges and encodes, so two scrapes cannot interleave.
+    pub scrape: Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -190,7 +193,7 @@ impl Metrics {
         let frames_resent = Counter::default();
         registry.register(
             "frames_resent",
-            "Frames sent to an agent again after a lost poll or a new stream",
+            "Frames handed to long-polls again after the agent lost a poll",
             frames_resent.clone(),
         );
         let window_stalls = Counter::default();
@@ -213,7 +216,8 @@ impl Metrics {
             frames_resent,
             window_stalls,
             backends: Mutex::new(HashSet::new()),
-            recent: Mutex::new(VecDeque::new()),
+            recent: Mutex::new(HashMap::new()),
+            scrape: Mutex::new(()),
         }
     }
 
@@ -239,21 +243,25 @@ impl Metrics {
                 reason: why.label(),
             })
             .inc();
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if recent.len() == RECENT_REFUSALS {
-            recent.pop_front();
-        }
-        recent.push_back(RecentRefusal {
+        let entry = RecentRefusal {
             at: SystemTime::now(),
             reason: why.label(),
             detail: detail(),
-        });
+        };
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = recent.entry(why.label()).or_default();
+        if ring.len() == RECENT_REFUSALS {
+            ring.pop_front();
+        }
+        ring.push_back(entry);
     }
 
-    /// The latest refusals, newest first.
+    /// The latest refusals of every reason, newest first.
     pub fn recent_refusals(&self) -> Vec<RecentRefusal> {
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        recent.iter().rev().cloned().collect()
+        let mut all: Vec<RecentRefusal> = recent.values().flatten().cloned().collect();
+        all.sort_by_key(|r| std::cmp::Reverse(r.at));
+        all
     }
 
     /// Counts an ended session's bytes.
@@ -295,12 +303,20 @@ mod tests {
     #[test]
     fn refusals_are_counted_and_the_latest_kept() {
         let m = Metrics::new();
+        m.refused(Refused::ClientCredential, || "the one that matters".into());
         for i in 0..(RECENT_REFUSALS + 5) {
             m.refused(Refused::NoAgent, || format!("n{i}"));
         }
         let recent = m.recent_refusals();
-        assert_eq!(recent.len(), RECENT_REFUSALS);
-        assert_eq!(recent[0].detail, format!("n{}", RECENT_REFUSALS + 4));
+        assert_eq!(
+            recent.len(),
+            RECENT_REFUSALS + 1,
+            "a flood of one reason pushes out no other"
+        );
+        assert!(recent.iter().any(|r| r.detail == "the one that matters"));
+        assert!(recent
+            .iter()
+            .any(|r| r.detail == format!("n{}", RECENT_REFUSALS + 4)));
         let text = m.encode();
         assert!(
             text.contains(&format!(

@@ -3,9 +3,9 @@
 //! the admin credential in front of them.
 
 use backhaul_tests::bridge_app::http;
-use backhaul_tests::checks::{echo_transfer, private_file};
+use backhaul_tests::checks::{half_close_then_reply, private_file};
 use backhaul_tests::rawws::RawWs;
-use backhaul_tests::{s, Stack, StackOptions, STEP_TIMEOUT};
+use backhaul_tests::{s, services, Stack, StackOptions, STEP_TIMEOUT};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -59,15 +59,20 @@ async fn get(relay: SocketAddr, path: &str, token: Option<&str>) -> (u16, String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_links_sessions_bytes_and_refusals() {
     let token = private_file("admin.token", ADMIN);
+    // A service that answers 200,000 bytes to whatever it got, so each direction has its own
+    // count.
+    const UP: u64 = 1 << 20;
+    const DOWN: u64 = 200_000;
     let stack = Stack::start(StackOptions {
         relay_args: vec![s("--admin-token-file"), s(token.display())],
         backend_id: s("metered"),
+        target: Some(services::reply_after_eof(9, DOWN).await),
         ..Default::default()
     })
     .await;
     let relay = stack.relay.addr();
-    echo_transfer(stack.entry(), 1, 1 << 20).await;
-    echo_transfer(stack.entry(), 2, 300_000).await;
+    half_close_then_reply(stack.entry(), 1, UP, 9, DOWN).await;
+    half_close_then_reply(stack.entry(), 2, UP, 9, DOWN).await;
     // A session for a backend nobody serves: refused, and counted.
     refused_for_no_agent(relay, "/b/nobody-here").await;
 
@@ -98,7 +103,7 @@ async fn metrics_count_links_sessions_bytes_and_refusals() {
         || m.get(r#"backhaul_relay_session_bytes_total{backend="metered",direction="to_client"}"#)
             .copied()
             .unwrap_or(0.0)
-            < (1 << 20) as f64 + 300_000.0
+            < (2 * (DOWN + 64)) as f64
     {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -107,9 +112,14 @@ async fn metrics_count_links_sessions_bytes_and_refusals() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         m = scrape(&get(relay, "/metrics", Some(ADMIN)).await.1);
     }
-    let to_backend =
-        m[r#"backhaul_relay_session_bytes_total{backend="metered",direction="to_backend"}"#];
-    assert_eq!(to_backend, (1 << 20) as f64 + 300_000.0);
+    // Each reply is the service's 64-character hash of the request, then DOWN bytes.
+    let bytes = |direction: &str| {
+        m[&format!(
+            r#"backhaul_relay_session_bytes_total{{backend="metered",direction="{direction}"}}"#
+        )]
+    };
+    assert_eq!(bytes("to_backend"), (2 * UP) as f64);
+    assert_eq!(bytes("to_client"), (2 * (DOWN + 64)) as f64);
     assert_eq!(m[r#"backhaul_relay_sessions_open{backend="metered"}"#], 0.0);
     assert_eq!(
         m[r#"backhaul_relay_agent_registrations_total{backend="metered"}"#],
@@ -122,6 +132,15 @@ async fn metrics_count_links_sessions_bytes_and_refusals() {
 
     let (status, body) = get(relay, "/readyz", None).await;
     assert_eq!((status, body.trim()), (200, "ready"));
+
+    // A relay with neither --admin-token nor --admin-loopback serves neither page, even to
+    // loopback.
+    let closed = backhaul_tests::relay(&[], &[]).await;
+    for path in ["/metrics", "/status"] {
+        let (status, body) = get(closed.addr(), path, None).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("--admin-token"), "{body}");
+    }
 }
 
 /// Chromium from Debian's `chromium` package (scripts/test.sh installs it).
@@ -161,9 +180,10 @@ async fn headless(args: &[String]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_backends_agents_sessions_and_refusals_in_a_browser() {
-    // No --admin-token: the page answers loopback, which is where the browser is.
+    // The browser sends no token: --admin-loopback lets it in from this host.
     let stack = Stack::start(StackOptions {
         backend_id: s("office-ssh"),
+        relay_args: vec![s("--admin-loopback")],
         ..Default::default()
     })
     .await;
@@ -181,9 +201,9 @@ async fn the_status_page_shows_backends_agents_sessions_and_refusals_in_a_browse
     let url = format!("http://{relay}/status");
     let dom = headless(&[s("--dump-dom"), url.clone()]).await;
     for text in [
-        "backhaul relay",
-        "office-ssh",
-        "1 open",
+        "<h1>backhaul relay",
+        "<h2>office-ssh</h2>",
+        "1 backend, 1 agent link, 1 session open",
         "websocket",
         "backhaul-agent/",
         "Recent refusals",
