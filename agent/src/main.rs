@@ -10,7 +10,7 @@ use std::time::Duration;
 /// (WebSocket, HTTP/2 stream, or HTTP/1.1 long-poll), and dials the backend's WebSocket for each
 /// session.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = backhaul_common::VERSION, about)]
 struct Args {
     /// The relay's URL, e.g. http://relay.example:8080 or https://relay.example.
     #[arg(long, env = "BACKHAUL_RELAY")]
@@ -121,7 +121,7 @@ fn main() {
 }
 
 async fn serve(args: Args) {
-    telemetry::init("info");
+    telemetry::init("info", args.runtime.log_format);
     let agent_token = load_secret(
         "agent-token",
         args.agent_token,

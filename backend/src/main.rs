@@ -10,7 +10,7 @@ use std::time::Duration;
 /// to the target service, or (--http-bridge) into HTTP POSTs to an application. The agent dials
 /// it; clients never see it.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = backhaul_common::VERSION, about)]
 struct Args {
     /// Address to listen on for WebSocket sessions. Whoever can reach it can open sessions to
     /// --target: keep it on loopback or a private network only the agent can reach, and set
@@ -108,7 +108,7 @@ fn main() {
 }
 
 async fn serve(mut args: Args) {
-    telemetry::init("info");
+    telemetry::init("info", args.runtime.log_format);
     let secret = secret::load(
         "backend-secret",
         args.backend_secret.take(),

@@ -22,6 +22,15 @@
 //! `reliable` and `ws` (its `Decoder`), which the unit tests drive with byte literals.
 #![forbid(unsafe_code)]
 
+/// The version every program reports (`--version`, the status page, the agent's
+/// registration): the package version and the git commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("BACKHAUL_GIT_COMMIT"),
+    ")"
+);
+
 pub mod api;
 pub mod backoff;
 pub mod bridge;

@@ -2,13 +2,24 @@
 
 use std::future::Future;
 
-/// The runtime flag every program takes (flattened into its arguments).
+/// The flags every program takes (flattened into its arguments).
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct RuntimeArgs {
     /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
     /// spends a little less CPU waking threads (see docs/benchmarks.md).
     #[arg(long, env = "BACKHAUL_THREADS", default_value_t = 0)]
     pub threads: usize,
+    /// How log lines (stderr) are written: `text` for people, `json` (one object per line)
+    /// for log shippers.
+    #[arg(long, env = "BACKHAUL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Runs `main` on a multi-threaded runtime with `args.threads` workers (0: one per CPU), on a

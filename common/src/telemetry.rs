@@ -5,20 +5,33 @@
 //! - `<program>: listening on <addr>` once a listener is bound (`<addr>` parses as a socket address);
 //! - `<program>: connected to relay ...` each time the agent (re)registers with the relay.
 
+use crate::runtime::LogFormat;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 
-/// Installs the tracing subscriber. `RUST_LOG` overrides `default_level` (for example `info`).
-pub fn init(default_level: &str) {
+/// Installs the tracing subscriber, writing `format` to stderr. `RUST_LOG` overrides
+/// `default_level` (for example `info`).
+pub fn init(default_level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        // One JSON object per line: the event's fields at the top level, the spans it happened
+        // in (session, connection) under "spans".
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .try_init(),
+    };
 }
 
 /// Prints the `listening on` ready line for `program`.

@@ -13,7 +13,7 @@ use std::time::Duration;
 /// With --stdio it works as an SSH ProxyCommand:
 ///   ssh -o ProxyCommand='backhaul-frontend --stdio --relay https://relay --backend-id ssh' host
 #[derive(Debug, Parser)]
-#[command(version, about, verbatim_doc_comment)]
+#[command(version = backhaul_common::VERSION, about, verbatim_doc_comment)]
 struct Args {
     /// Address to accept TCP connections on.
     #[arg(
@@ -80,7 +80,10 @@ fn main() {
 }
 
 async fn serve(args: Args) {
-    telemetry::init(if args.stdio { "warn" } else { "info" });
+    telemetry::init(
+        if args.stdio { "warn" } else { "info" },
+        args.runtime.log_format,
+    );
     let client_token = load_secret(
         "client-token",
         args.client_token,

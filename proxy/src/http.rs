@@ -854,6 +854,7 @@ pub(crate) async fn carry_session(
     session: Arc<RelaySession>,
     pumped: impl std::future::Future<Output = backhaul_common::session::Summary>,
 ) {
+    let started = std::time::Instant::now();
     let summary = tokio::select! {
         s = pumped => s,
         _ = expire_unclaimed(session.clone(), hub.cfg.open_timeout) => {
@@ -866,6 +867,7 @@ pub(crate) async fn carry_session(
     info!(
         bytes.up = summary.sent,
         bytes.down = summary.received,
+        duration_ms = started.elapsed().as_millis() as u64,
         "session ended: {}",
         summary.ending
     );

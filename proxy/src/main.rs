@@ -12,7 +12,7 @@ use std::time::Duration;
 /// backhaul-relay: the public server. Frontends open WebSockets at /b/<backend-id>; agents in
 /// private networks collect them with outbound HTTP requests to /agent/v1/links.
 #[derive(Debug, Parser)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+#[command(version = backhaul_common::VERSION, about, args_conflicts_with_subcommands = true)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
@@ -192,7 +192,7 @@ fn policy(args: &Args) -> Policy {
 }
 
 async fn serve(args: Args) {
-    telemetry::init("info");
+    telemetry::init("info", args.runtime.log_format);
     let policy = policy(&args);
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(

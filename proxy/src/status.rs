@@ -88,7 +88,7 @@ pub fn page(hub: &Hub) -> Response<crate::http::Body> {
          <title>backhaul relay status</title><style>{STYLE}</style></head><body>\
          <h1>backhaul relay {}</h1>\
          <p>{}, {}, {} open. As of {} UTC.</p>",
-        escape(env!("CARGO_PKG_VERSION")),
+        escape(backhaul_common::VERSION),
         count(backends.len(), "backend"),
         count(agents, "agent link"),
         count(sessions, "session"),

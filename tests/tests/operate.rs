@@ -3,7 +3,7 @@
 //! the admin credential in front of them.
 
 use backhaul_tests::bridge_app::http;
-use backhaul_tests::checks::{half_close_then_reply, private_file};
+use backhaul_tests::checks::{echo_transfer, half_close_then_reply, private_file};
 use backhaul_tests::rawws::RawWs;
 use backhaul_tests::{s, services, Stack, StackOptions, STEP_TIMEOUT};
 use std::collections::HashMap;
@@ -228,4 +228,81 @@ async fn the_status_page_shows_backends_agents_sessions_and_refusals_in_a_browse
     let png = std::fs::read(&shot).expect("a screenshot");
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
     drop(live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_and_say_how_each_session_ended() {
+    let stack = Stack::start(StackOptions {
+        relay_args: vec![s("--log-format"), s("json")],
+        backend_id: s("logged"),
+        ..Default::default()
+    })
+    .await;
+    echo_transfer(stack.entry(), 3, 100_000).await;
+    let log = stack.relay.wait_stderr("session ended").await;
+    let mut ended = None;
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        if v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("session ended"))
+        {
+            ended = Some(v);
+        }
+    }
+    let ended = ended.expect("a session end line");
+    assert_eq!(ended["level"], "INFO");
+    assert_eq!(ended["bytes.up"], 100_000, "{ended}");
+    assert_eq!(ended["bytes.down"], 100_000, "{ended}");
+    assert!(ended["duration_ms"].is_u64(), "{ended}");
+    let spans = ended["spans"].as_array().expect("the spans it happened in");
+    let session = spans
+        .iter()
+        .find(|s| s["name"] == "session")
+        .expect("the session span");
+    assert_eq!(session["backend.id"], "logged", "{session}");
+    assert!(session["session.id"].is_u64(), "{session}");
+    assert!(
+        session["client.addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1")),
+        "{session}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_program_names_its_version_and_commit() {
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    for program in [
+        "backhaul-relay",
+        "backhaul-agent",
+        "backhaul-frontend",
+        "backhaul-backend",
+    ] {
+        let out = tokio::process::Command::new(backhaul_tests::bin(program))
+            .arg("--version")
+            .output()
+            .await
+            .expect("runs");
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(out.status.success(), "{program} --version failed");
+        assert!(
+            line.starts_with(&format!("{program} {} (commit ", env!("CARGO_PKG_VERSION"))),
+            "{line}"
+        );
+        if let Some(c) = &commit {
+            assert!(line.contains(c.as_str()), "{line} is not HEAD ({c})");
+        }
+    }
 }
