@@ -116,7 +116,7 @@ fn parse_url(what: &str, s: &str, schemes: &[&str]) -> url::Url {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args: Args = backhaul_common::runtime::parse_args("backhaul-agent");
     backhaul_common::runtime::run("backhaul-agent", args.runtime, serve(args));
 }
 

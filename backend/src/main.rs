@@ -103,7 +103,7 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args: Args = backhaul_common::runtime::parse_args("backhaul-backend");
     backhaul_common::runtime::run("backhaul-backend", args.runtime, serve(args));
 }
 

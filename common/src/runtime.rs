@@ -52,3 +52,69 @@ where
         }
     })
 }
+
+/// Parses the command line as `T`, the way every program reports a bad one: one line on
+/// stderr naming the problem (with clap's suggestion, if it has one) and exit code 64
+/// (EX_USAGE), like every other configuration error. `--help` and `--version` print as usual.
+pub fn parse_args<T: clap::Parser>(program: &str) -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            eprintln!("{program}: {}", one_line(&e.render().to_string()));
+            std::process::exit(crate::EXIT_CONFIG);
+        }
+    }
+}
+
+/// clap's error text as one line: the error, then its tip, then where to look.
+fn one_line(rendered: &str) -> String {
+    let first: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let first = first.join(" ");
+    let first = first.trim_start_matches("error: ");
+    let first = if first.is_empty() {
+        "invalid arguments"
+    } else {
+        first
+    };
+    let tips: Vec<&str> = rendered
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tip: "))
+        .collect();
+    if tips.is_empty() {
+        format!("{first}; see --help")
+    } else {
+        format!("{first} ({}); see --help", tips.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let rendered = "error: unexpected argument '--lsten' found\n\n  tip: a similar argument exists: '--listen'\n\nUsage: backhaul-relay [OPTIONS]\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            one_line(rendered),
+            "unexpected argument '--lsten' found (a similar argument exists: '--listen'); see --help"
+        );
+        assert_eq!(
+            one_line("error: the following required arguments were not provided:\n  --relay <RELAY>\n\nUsage: x\n"),
+            "the following required arguments were not provided: --relay <RELAY>; see --help"
+        );
+    }
+}

@@ -137,7 +137,7 @@ enum Command {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args: Args = backhaul_common::runtime::parse_args("backhaul-relay");
     match args.command {
         Some(Command::NewSecret) => {
             let s = Secret::generate();

@@ -3,7 +3,9 @@
 //! the admin credential in front of them.
 
 use backhaul_tests::bridge_app::http;
-use backhaul_tests::checks::{echo_transfer, half_close_then_reply, private_file};
+use backhaul_tests::checks::{
+    echo_transfer, half_close_then_reply, private_file, refuses_to_start,
+};
 use backhaul_tests::rawws::RawWs;
 use backhaul_tests::{s, services, Stack, StackOptions, STEP_TIMEOUT};
 use std::collections::HashMap;
@@ -304,5 +306,32 @@ async fn every_program_names_its_version_and_commit() {
         if let Some(c) = &commit {
             assert!(line.contains(c.as_str()), "{line} is not HEAD ({c})");
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_command_line_gets_one_line_and_exit_64() {
+    for (program, args, says) in [
+        (
+            "backhaul-relay",
+            vec![s("--lsten"), s("x")],
+            "similar argument exists: '--listen'",
+        ),
+        ("backhaul-agent", vec![], "--relay <RELAY>"),
+        (
+            "backhaul-backend",
+            vec![s("--max-sessions"), s("many")],
+            "'many'",
+        ),
+        (
+            "backhaul-frontend",
+            vec![s("--stdio"), s("--bogus")],
+            "'--bogus'",
+        ),
+    ] {
+        let err = refuses_to_start(program, &args, &[]).await;
+        assert_eq!(err.trim().lines().count(), 1, "{program}: {err}");
+        assert!(err.starts_with(&format!("{program}: ")), "{err}");
+        assert!(err.contains(says) && err.contains("see --help"), "{err}");
     }
 }
