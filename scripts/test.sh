@@ -34,6 +34,9 @@ fi
 
 # The end-to-end tests run the binaries from target/, so build them first.
 cargo build --workspace --bins
+# The tests' scratch directories (logs, configurations, keys) live in target/e2e-scratch/:
+# the last run's stay for looking into failures, older ones go.
+rm -rf target/e2e-scratch
 mkdir -p target
 log=target/test-output.txt
 status=0

@@ -15,6 +15,7 @@
 pub mod body;
 pub mod link;
 pub mod longpoll;
+pub mod refused;
 pub mod stream;
 pub mod transport;
 
@@ -26,7 +27,7 @@ use backhaul_common::transport::{H2_CONNECTION_WINDOW, H2_MAX_FRAME, H2_STREAM_W
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Longest a registration request may take.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -134,19 +135,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let cfg = Arc::new(config);
     let clients = http_clients(&cfg)?;
     let mut backoff = Backoff::default();
-    let host = std::env::var("HOSTNAME").unwrap_or_default();
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        backend_id: cfg.backend_id.clone(),
-        agent: format!("backhaul-agent/{} {host}", env!("CARGO_PKG_VERSION"))
-            .trim()
-            .to_string(),
-        expose: cfg.expose.clone(),
-    };
+    let mut lasting = Backoff::new(refused::LASTING_INITIAL, refused::LASTING_MAX);
+    let hello = hello(&cfg);
     while !shutdown.is_cancelled() {
         match register(&cfg, &clients.h1, &hello).await {
             Ok(info) => {
                 backoff.reset();
+                lasting.reset();
                 backhaul_common::telemetry::announce(&format!(
                     "backhaul-agent: connected to relay {} as link {} for backend {}",
                     cfg.relay_base(),
@@ -176,12 +171,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 warn!("link to relay ended: {why}; registering again");
             }
-            Err(e) => {
-                let d = backoff.next_delay();
-                warn!(
-                    "could not register with relay {}: {e:#}; retrying in {d:?}",
-                    cfg.relay_base()
-                );
+            Err(failure) => {
+                // An answer that will not change by itself (a wrong token, not a relay) is
+                // retried every few minutes, not every few seconds.
+                let d = if failure.lasting {
+                    backoff.reset();
+                    lasting.next_delay()
+                } else {
+                    lasting.reset();
+                    backoff.next_delay()
+                };
+                let secs = d.as_secs_f32().max(0.1);
+                if failure.lasting {
+                    error!(
+                        "could not register: {}; trying again in {secs:.0} s",
+                        failure.message
+                    );
+                } else {
+                    warn!(
+                        "could not register: {}; trying again in {secs:.1} s",
+                        failure.message
+                    );
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
                     _ = shutdown.cancelled() => break,
@@ -193,34 +204,108 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-async fn register(
+/// What the agent says about itself when it registers.
+fn hello(cfg: &Config) -> Hello {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        backend_id: cfg.backend_id.clone(),
+        agent: format!("backhaul-agent/{} {host}", backhaul_common::VERSION)
+            .trim()
+            .to_string(),
+        expose: cfg.expose.clone(),
+    }
+}
+
+/// `--check`: registers once (then deregisters) and connects to the backend's host and port
+/// once. `Ok` says what worked; `Err` says what did not, and what to do.
+pub async fn check(config: Config) -> Result<String, String> {
+    let clients = http_clients(&config).map_err(|e| format!("{e:#}"))?;
+    let info = register(&config, &clients.h1, &hello(&config))
+        .await
+        .map_err(|f| f.message)?;
+    let link_url = format!("{}{LINKS_PATH}/{}", config.relay_base(), info.link);
+    let mut bye = clients.h1.delete(&link_url).timeout(Duration::from_secs(2));
+    if let Some(t) = &config.agent_token {
+        bye = bye.header(reqwest::header::AUTHORIZATION, secret::bearer(t));
+    }
+    let _ = bye.send().await;
+    let backend = &config.backend;
+    let host = backend.host_str().unwrap_or_default();
+    let port = backend.port_or_known_default().unwrap_or(0);
+    match tokio::time::timeout(
+        config.connect_timeout,
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(format!(
+            "registered with relay {} for backend {}, and the backend {backend} accepts connections",
+            config.relay_base(),
+            config.backend_id
+        )),
+        Ok(Err(e)) => Err(format!(
+            "registered with relay {}, but the backend {backend} refuses connections: {e}",
+            config.relay_base()
+        )),
+        Err(_) => Err(format!(
+            "registered with relay {}, but the backend {backend} did not answer within {:?}",
+            config.relay_base(),
+            config.connect_timeout
+        )),
+    }
+}
+
+/// Registers once: the link's parameters, or why not (see [`refused`]).
+pub async fn register(
     cfg: &Config,
     client: &reqwest::Client,
     hello: &Hello,
-) -> anyhow::Result<LinkInfo> {
+) -> Result<LinkInfo, refused::Failure> {
     let url = format!("{}{LINKS_PATH}", cfg.relay_base());
+    let body = serde_json::to_vec(hello).map_err(|e| refused::Failure {
+        message: format!("could not encode the registration: {e}"),
+        lasting: true,
+    })?;
     let mut req = client
         .post(&url)
         .timeout(REGISTER_TIMEOUT)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(serde_json::to_vec(hello)?);
+        .body(body);
     if let Some(t) = &cfg.agent_token {
         req = req.header(reqwest::header::AUTHORIZATION, secret::bearer(t));
     }
     let resp = req
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("{}", link::describe(&e)))?;
+        .map_err(|e| refused::no_answer(&url, &link::describe(&e)))?;
     let status = resp.status();
     if !status.is_success() {
-        anyhow::bail!("relay answered {status}: {}", body::error_text(resp).await);
+        let content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let text = body::error_text(resp).await;
+        return Err(refused::answer(&url, status.as_u16(), &content_type, &text));
     }
-    let body = body::read_limited(resp, body::MAX_JSON_BODY, "registration").await?;
-    let info: LinkInfo = serde_json::from_slice(&body).with_context(|| {
-        format!("relay's answer to registration is not what a backhaul relay sends (is {url} really a backhaul relay?)")
-    })?;
+    let not_a_relay = |why: String| {
+        refused::Failure {
+        message: format!("{url} answered the registration with {why}: is it really a backhaul relay? check --relay"),
+        lasting: true,
+    }
+    };
+    let body = body::read_limited(resp, body::MAX_JSON_BODY, "registration")
+        .await
+        .map_err(|e| refused::Failure {
+            message: e.to_string(),
+            lasting: false,
+        })?;
+    let info: LinkInfo = serde_json::from_slice(&body)
+        .map_err(|e| not_a_relay(format!("something that is not a backhaul answer ({e})")))?;
     if info.window < 1024 || info.max_batch_bytes < 1024 || info.poll_hold_ms == 0 {
-        anyhow::bail!("relay sent unusable link parameters: {info:?}");
+        return Err(not_a_relay(format!("unusable link parameters {info:?}")));
     }
     Ok(info)
 }

@@ -81,6 +81,11 @@ struct Args {
     /// which one carries the link and why), or force one of websocket, http2, longpoll.
     #[arg(long, env = "BACKHAUL_TRANSPORT", default_value = "auto")]
     transport: backhaul_agent::transport::TransportChoice,
+    /// Check the configuration and exit: register with the relay once, connect to the
+    /// backend once, print what worked or what did not, and exit 0 when both did (1
+    /// otherwise). For health checks (compose, systemd).
+    #[arg(long)]
+    check: bool,
     #[command(flatten)]
     runtime: backhaul_common::runtime::RuntimeArgs,
 }
@@ -121,7 +126,11 @@ fn main() {
 }
 
 async fn serve(args: Args) {
-    telemetry::init("info", args.runtime.log_format);
+    telemetry::init(
+        if args.check { "warn" } else { "info" },
+        args.runtime.log_format,
+    );
+    let check = args.check;
     let agent_token = load_secret(
         "agent-token",
         args.agent_token,
@@ -180,6 +189,18 @@ async fn serve(args: Args) {
             },
         ),
     };
+    if check {
+        match backhaul_agent::check(config).await {
+            Ok(what) => {
+                println!("backhaul-agent: check passed: {what}");
+                std::process::exit(0);
+            }
+            Err(why) => {
+                println!("backhaul-agent: check failed: {why}");
+                std::process::exit(1);
+            }
+        }
+    }
     let shutdown = telemetry::shutdown_on_signals();
     if let Err(e) = backhaul_agent::run(config, shutdown).await {
         eprintln!("backhaul-agent: {e:#}");

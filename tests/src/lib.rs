@@ -79,11 +79,22 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A scratch directory removed at the end of the test process.
+/// Where the tests' scratch directories go: `target/e2e-scratch/`, beside the binaries, not
+/// /tmp. Each run of scripts/test.sh empties it first, so it holds the last run's logs,
+/// configurations and keys (for looking into a failure) and nothing piles up.
+pub fn scratch_root() -> PathBuf {
+    let target = bin_dir()
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    target.join("e2e-scratch")
+}
+
+/// A new scratch directory under [`scratch_root`], named after the test process and `tag`.
 pub fn scratch_dir(tag: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "backhaul-e2e-{}-{}-{tag}",
+    let dir = scratch_root().join(format!(
+        "{}-{}-{tag}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));

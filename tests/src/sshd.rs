@@ -82,7 +82,7 @@ impl Sshd {
                      PidFile none\n\
                      # PAM would want a login session set up for a real system user.\n\
                      UsePAM no\n\
-                     # The scratch directory sits in a world-writable /tmp.\n\
+                     # The scratch directory's parents are not checked for sshd's modes.\n\
                      StrictModes no\n\
                      PubkeyAuthentication yes\n\
                      PasswordAuthentication no\n\

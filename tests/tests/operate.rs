@@ -335,3 +335,76 @@ async fn a_bad_command_line_gets_one_line_and_exit_64() {
         assert!(err.contains(says) && err.contains("see --help"), "{err}");
     }
 }
+
+/// Runs `backhaul-agent --check` with `args`; its exit code and stdout.
+async fn agent_check(args: &[String]) -> (Option<i32>, String) {
+    let mut cmd = tokio::process::Command::new(backhaul_tests::bin("backhaul-agent"));
+    cmd.arg("--check").args(args).kill_on_drop(true);
+    for var in backhaul_tests::PROXY_VARS {
+        cmd.env_remove(var);
+    }
+    let out = tokio::time::timeout(STEP_TIMEOUT, cmd.output())
+        .await
+        .expect("--check finished in time")
+        .expect("runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_check_passes_when_it_can_register_and_says_why_when_not() {
+    let token = private_file("agent.token", "agent-token-for-the-check-test-0123");
+    let stack = Stack::start(StackOptions {
+        relay_args: vec![s("--agent-token-file"), s(token.display())],
+        agent_args: vec![s("--agent-token-file"), s(token.display())],
+        ..Default::default()
+    })
+    .await;
+    let relay = format!("http://{}", stack.relay.addr());
+    let backend = format!("ws://{}", stack.backend.addr());
+    let base = |relay: &str, backend: &str| {
+        vec![
+            s("--relay"),
+            s(relay),
+            s("--backend-id"),
+            s("test"),
+            s("--backend"),
+            s(backend),
+        ]
+    };
+    let mut good = base(&relay, &backend);
+    good.extend([s("--agent-token-file"), s(token.display())]);
+    let (code, out) = agent_check(&good).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("check passed"), "{out}");
+
+    // Wrong credential: the relay's 401, said as what to fix.
+    let wrong = private_file("wrong.token", "not-the-agent-token-at-all-0123456");
+    let mut args = base(&relay, &backend);
+    args.extend([s("--agent-token-file"), s(wrong.display())]);
+    let (code, out) = agent_check(&args).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("--agent-token-file"), "{out}");
+
+    // Something that is not a relay (the Python app answers 404 with no body).
+    let app = backhaul_tests::bridge_app::BridgeApp::start(None).await;
+    let (code, out) = agent_check(&base(&format!("http://{}", app.addr()), &backend)).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not a backhaul relay"), "{out}");
+
+    // https:// to the plain-HTTP relay.
+    let mut args = base(&format!("https://{}", stack.relay.addr()), &backend);
+    args.extend([s("--agent-token-file"), s(token.display())]);
+    let (code, out) = agent_check(&args).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("plain HTTP"), "{out}");
+
+    // A backend nobody listens on.
+    let mut args = base(&relay, &format!("ws://{}", backhaul_tests::closed_port()));
+    args.extend([s("--agent-token-file"), s(token.display())]);
+    let (code, out) = agent_check(&args).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("refuses connections"), "{out}");
+}
