@@ -60,7 +60,10 @@ echo "frontend published at $front"
 
 check_transfer() {
     local want got
-    want=$(compose exec -T sample sha256sum /tmp/www/blob.bin | cut -d' ' -f1)
+    # The hash docs/compose.md tells users to compare against, served through the stack.
+    want=$(curl -sf --max-time 60 "http://$front/blob.sha256" | cut -d' ' -f1)
+    [ "$want" = "$(compose exec -T sample sha256sum /tmp/www/blob.bin | cut -d' ' -f1)" ] \
+        || fail "blob.sha256 does not match blob.bin"
     got=$(curl -sf --max-time 60 "http://$front/blob.bin" | sha256sum | cut -d' ' -f1)
     [ "$got" = "$want" ] || fail "download through the stack: sha256 $got, expected $want"
     head -c 6291456 /dev/urandom > "$work/up.bin"
@@ -72,6 +75,10 @@ check_transfer() {
 
 echo "== data through the stack"
 check_transfer
+
+echo "== the agent's healthcheck"
+out=$(compose exec -T agent backhaul-agent --check) || fail "backhaul-agent --check failed in the agent's container: $out"
+echo "$out"
 
 echo "== the relay refuses sessions without the client token"
 refusal=$(compose exec -T frontend busybox wget -q -O /dev/null http://relay:8080/b/sample 2>&1 || true)
