@@ -41,6 +41,11 @@ refused=$(printf 'GET / HTTP/1.0\r\n\r\n' \
 echo "$refused" | grep -q "401" || fail "a frontend without the client token was not refused: $refused"
 echo "demo: a frontend without the client token is refused (401)"
 
+busy=$(BACKHAUL_DEMO_LISTEN="$front" timeout 20 bash scripts/demo.sh 2>&1 || true)
+echo "$busy" | grep -q "BACKHAUL_DEMO_LISTEN=" || fail "a second demo on the busy $front did not say how to pick another address: $busy"
+echo "demo: a busy address fails at once and names BACKHAUL_DEMO_LISTEN"
+[ -s target/demo/relay.err ] || fail "the demo's logs are not in target/demo/"
+
 kill -TERM "$demo"
 for _ in $(seq 1 100); do
     kill -0 "$demo" 2>/dev/null || break

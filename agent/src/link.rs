@@ -218,8 +218,12 @@ impl Link {
             };
             match ladder.ended(ended) {
                 Next::BackToTop => info!("trying faster transports to the relay again"),
-                Next::FallBack { warning } => {
-                    warn!("{warning}");
+                Next::FallBack { warning, expected } => {
+                    if expected {
+                        info!("{warning}");
+                    } else {
+                        warn!("{warning}");
+                    }
                     backoff.reset();
                 }
                 Next::Retry { reset_backoff } => {

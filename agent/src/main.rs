@@ -12,7 +12,8 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(version = backhaul_common::VERSION, about)]
 struct Args {
-    /// The relay's URL, e.g. http://relay.example:8080 or https://relay.example.
+    /// The relay's URL, e.g. http://relay.example:8080 or https://relay.example (a frontend's
+    /// ws:// or wss:// URL for the same relay works too).
     #[arg(long, env = "BACKHAUL_RELAY")]
     relay: String,
     /// Ask the relay to expose the backend on a public TCP port of its --expose-ports range:
@@ -141,7 +142,19 @@ async fn serve(args: Args) {
         args.backend_secret,
         args.backend_secret_file.as_deref(),
     );
-    let relay = parse_url("relay", &args.relay, &["http", "https"]);
+    // The frontend's ws:// and wss:// name the same relay: take them as http:// and https://.
+    let mut relay = parse_url("relay", &args.relay, &["http", "https", "ws", "wss"]);
+    let web_scheme = match relay.scheme() {
+        "ws" => Some("http"),
+        "wss" => Some("https"),
+        _ => None,
+    };
+    if let Some(scheme) = web_scheme {
+        let mut as_web = relay.to_string();
+        as_web.replace_range(..relay.scheme().len(), scheme);
+        relay = url::Url::parse(&as_web)
+            .unwrap_or_else(|e| fail(format!("--relay {:?}: {e}", args.relay)));
+    }
     let backend = parse_url("backend", &args.backend, &["ws", "wss", "tcp"]);
     if backend.scheme() == "tcp" {
         let s = &args.backend;

@@ -96,8 +96,10 @@ pub enum Next {
     /// Try the same transport again after the usual pause; `reset_backoff` when it had worked
     /// (reconnect at once).
     Retry { reset_backoff: bool },
-    /// Move down to the next transport at once; `warning` says why, for the log.
-    FallBack { warning: String },
+    /// Move down to the next transport at once; `warning` says why, for the log. `expected`:
+    /// the path refused the faster transport (a proxy without CONNECT or HTTP/2), which is what
+    /// the ladder is for (INFO); otherwise it kept breaking (WARN).
+    FallBack { warning: String, expected: bool },
     /// Start again from the fastest transport.
     BackToTop,
 }
@@ -160,6 +162,7 @@ impl Ladder {
                     (
                         format!("{transport} transport to the relay is not available ({why}); falling back to {next}"),
                         format!("{transport} not available: {why}"),
+                        true,
                     )
                 });
                 (fall_back, false)
@@ -181,17 +184,18 @@ impl Ladder {
                         (
                             format!("{transport} transport to the relay broke {quick_breaks} times within {STABLE_AFTER:?} of connecting (last: {why}); falling back to {next}"),
                             format!("{transport} kept breaking: {why}"),
+                            false,
                         )
                     });
                 (fall_back, progressed)
             }
         };
         match fall_back {
-            Some((warning, reason)) => {
+            Some((warning, reason, expected)) => {
                 self.fell_back = Some(reason);
                 self.rung += 1;
                 self.quick_breaks = 0;
-                Next::FallBack { warning }
+                Next::FallBack { warning, expected }
             }
             None => Next::Retry { reset_backoff },
         }
@@ -216,10 +220,15 @@ mod tests {
         assert_eq!(l.current(), Transport::WebSocket);
         assert_eq!(l.note(), "the fastest transport");
         assert_eq!(l.retry_faster_after(), None);
-        let Next::FallBack { warning } = l.ended(Ended::Refused("403 from the proxy".into()))
+        let Next::FallBack { warning, expected } =
+            l.ended(Ended::Refused("403 from the proxy".into()))
         else {
             panic!("a refused websocket must fall back")
         };
+        assert!(
+            expected,
+            "a path refusing a transport is what the ladder is for"
+        );
         assert!(warning.contains("websocket transport to the relay is not available (403 from the proxy); falling back to http2"), "{warning}");
         assert_eq!(l.current(), Transport::Http2);
         assert_eq!(
@@ -256,9 +265,13 @@ mod tests {
         assert!(matches!(l.ended(broke(60)), Next::Retry { .. }));
         assert!(matches!(l.ended(broke(1)), Next::Retry { .. }));
         assert!(matches!(l.ended(broke(1)), Next::Retry { .. }));
-        let Next::FallBack { warning } = l.ended(broke(1)) else {
+        let Next::FallBack { warning, expected } = l.ended(broke(1)) else {
             panic!("three quick breaks in a row must fall back")
         };
+        assert!(
+            !expected,
+            "a transport that keeps breaking is worth a warning"
+        );
         assert!(warning.contains("broke 3 times"), "{warning}");
         assert_eq!(l.current(), Transport::Http2);
         // Counting starts again on the new rung.

@@ -379,6 +379,11 @@ async fn agent_check_passes_when_it_can_register_and_says_why_when_not() {
     let (code, out) = agent_check(&good).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("check passed"), "{out}");
+    // The frontend's ws:// URL for the same relay works too.
+    let mut ws = base(&format!("ws://{}", stack.relay.addr()), &backend);
+    ws.extend([s("--agent-token-file"), s(token.display())]);
+    let (code, out) = agent_check(&ws).await;
+    assert_eq!(code, Some(0), "{out}");
 
     // Wrong credential: the relay's 401, said as what to fix.
     let wrong = private_file("wrong.token", "not-the-agent-token-at-all-0123456");
