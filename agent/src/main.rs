@@ -123,7 +123,7 @@ fn parse_url(what: &str, s: &str, schemes: &[&str]) -> url::Url {
 
 fn main() {
     let args: Args = backhaul_common::runtime::parse_args("backhaul-agent");
-    backhaul_common::runtime::run("backhaul-agent", args.runtime, serve(args));
+    backhaul_common::runtime::run("backhaul-agent", args.runtime.threads, serve(args));
 }
 
 async fn serve(args: Args) {

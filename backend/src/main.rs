@@ -104,7 +104,7 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 
 fn main() {
     let args: Args = backhaul_common::runtime::parse_args("backhaul-backend");
-    backhaul_common::runtime::run("backhaul-backend", args.runtime, serve(args));
+    backhaul_common::runtime::run("backhaul-backend", args.runtime.threads, serve(args));
 }
 
 async fn serve(mut args: Args) {

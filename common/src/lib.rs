@@ -34,6 +34,7 @@ pub const VERSION: &str = concat!(
 pub mod api;
 pub mod backoff;
 pub mod bridge;
+pub mod config;
 pub mod dial;
 pub mod lazy_read;
 pub mod listen;

@@ -3,7 +3,7 @@
 use std::future::Future;
 
 /// The flags every program takes (flattened into its arguments).
-#[derive(Debug, Clone, Copy, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct RuntimeArgs {
     /// Worker threads (0: one per CPU). With all four programs on one small machine, 1 each
     /// spends a little less CPU waking threads (see docs/benchmarks.md).
@@ -13,6 +13,10 @@ pub struct RuntimeArgs {
     /// for log shippers.
     #[arg(long, env = "BACKHAUL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// A TOML file of settings: keys are the long flag names (`--config-example` prints every
+    /// one). Flags and environment variables take precedence over it.
+    #[arg(long, value_name = "FILE", env = "BACKHAUL_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// The format of log lines.
@@ -22,18 +26,18 @@ pub enum LogFormat {
     Json,
 }
 
-/// Runs `main` on a multi-threaded runtime with `args.threads` workers (0: one per CPU), on a
+/// Runs `main` on a multi-threaded runtime with `threads` workers (0: one per CPU), on a
 /// worker rather than on the calling thread, so the program's main loop and its session tasks share
 /// the pool and hand work to each other without waking a thread outside it.
-pub fn run<F>(program: &str, args: RuntimeArgs, main: F) -> F::Output
+pub fn run<F>(program: &str, threads: usize, main: F) -> F::Output
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if args.threads > 0 {
-        builder.worker_threads(args.threads);
+    if threads > 0 {
+        builder.worker_threads(threads);
     }
     let rt = match builder.build() {
         Ok(rt) => rt,
@@ -53,12 +57,25 @@ where
     })
 }
 
-/// Parses the command line as `T`, the way every program reports a bad one: one line on
-/// stderr naming the problem (with clap's suggestion, if it has one) and exit code 64
-/// (EX_USAGE), like every other configuration error. `--help` and `--version` print as usual.
+/// Parses the command line as `T`, with the settings' other sources (see [`crate::config`]),
+/// the way every program reports a bad one: one line on stderr naming the problem (with clap's
+/// suggestion, or the config file's line) and exit code 64 (EX_USAGE), like every other
+/// configuration error. `--help`, `--version` and `--config-example` print and exit 0.
 pub fn parse_args<T: clap::Parser>(program: &str) -> T {
-    match T::try_parse() {
-        Ok(args) => args,
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.iter().skip(1).any(|a| a == "--config-example") {
+        print!("{}", crate::config::example(program, &T::command()));
+        std::process::exit(0);
+    }
+    let usage = |msg: String| -> ! {
+        eprintln!("{program}: {msg}");
+        std::process::exit(crate::EXIT_CONFIG);
+    };
+    let cmd = crate::config::prepare(program, T::command(), &argv).unwrap_or_else(|e| usage(e));
+    match cmd.try_get_matches_from(argv) {
+        Ok(m) => {
+            T::from_arg_matches(&m).unwrap_or_else(|e| usage(one_line(&e.render().to_string())))
+        }
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(
@@ -69,8 +86,7 @@ pub fn parse_args<T: clap::Parser>(program: &str) -> T {
             ) {
                 e.exit();
             }
-            eprintln!("{program}: {}", one_line(&e.render().to_string()));
-            std::process::exit(crate::EXIT_CONFIG);
+            usage(one_line(&e.render().to_string()))
         }
     }
 }

@@ -76,7 +76,7 @@ fn load_secret(flag: &str, value: Option<String>, file: Option<&Path>) -> Option
 
 fn main() {
     let args: Args = backhaul_common::runtime::parse_args("backhaul-frontend");
-    backhaul_common::runtime::run("backhaul-frontend", args.runtime, serve(args));
+    backhaul_common::runtime::run("backhaul-frontend", args.runtime.threads, serve(args));
 }
 
 async fn serve(args: Args) {

@@ -162,7 +162,7 @@ fn main() {
                 Err(e) => fail(e),
             }
         }
-        None => backhaul_common::runtime::run("backhaul-relay", args.runtime, serve(args)),
+        None => backhaul_common::runtime::run("backhaul-relay", args.runtime.threads, serve(args)),
     }
 }
 

@@ -413,3 +413,74 @@ async fn agent_check_passes_when_it_can_register_and_says_why_when_not() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("refuses connections"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_sets_what_flags_and_environment_do_not() {
+    let dir = backhaul_tests::scratch_dir("config");
+    let path = dir.join("relay.toml");
+    // The file asks for port 1 and loopback admin pages; the flag's port wins, the file's
+    // admin setting holds, and the environment's admin token beats both.
+    std::fs::write(
+        &path,
+        "# a relay\nlisten = \"127.0.0.1:1\"\nadmin-loopback = true\nmax-sessions = 50\n",
+    )
+    .unwrap();
+    let relay = backhaul_tests::Program::listening(
+        "backhaul-relay",
+        &[
+            s("--config"),
+            s(path.display()),
+            s("--listen"),
+            s("127.0.0.1:0"),
+        ],
+        &[],
+    )
+    .await;
+    let (status, body) = get(relay.addr(), "/metrics", None).await;
+    assert_eq!(status, 200, "admin-loopback from the file: {body}");
+
+    // The program's own environment name beats the file (and conflicts with its setting).
+    let token = private_file("admin.token", ADMIN);
+    std::fs::write(&path, "listen = \"127.0.0.1:0\"\n").unwrap();
+    let relay = backhaul_tests::Program::listening(
+        "backhaul-relay",
+        &[s("--config"), s(path.display())],
+        &[(s("BACKHAUL_RELAY_ADMIN_TOKEN_FILE"), s(token.display()))],
+    )
+    .await;
+    assert_eq!(get(relay.addr(), "/metrics", None).await.0, 401);
+    assert_eq!(get(relay.addr(), "/metrics", Some(ADMIN)).await.0, 200);
+
+    // Mistakes name the file, the line and the key.
+    std::fs::write(&path, "listen = \"127.0.0.1:0\"\n\nmax-sesions = 5\n").unwrap();
+    let err = refuses_to_start("backhaul-relay", &[s("--config"), s(path.display())], &[]).await;
+    assert!(
+        err.contains("relay.toml:3: max-sesions: no such setting (did you mean max-sessions?)"),
+        "{err}"
+    );
+    std::fs::write(&path, "max-sessions = \"lots\"\n").unwrap();
+    let err = refuses_to_start("backhaul-relay", &[s("--config"), s(path.display())], &[]).await;
+    assert!(
+        err.contains("relay.toml:1: max-sessions: invalid value 'lots'"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_config_files_in_dist_are_what_the_programs_print() {
+    for program in ["relay", "agent", "frontend", "backend"] {
+        let out = tokio::process::Command::new(backhaul_tests::bin(&format!("backhaul-{program}")))
+            .arg("--config-example")
+            .output()
+            .await
+            .expect("runs");
+        assert!(out.status.success());
+        let printed = String::from_utf8_lossy(&out.stdout);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../dist/{program}.toml"));
+        let kept = std::fs::read_to_string(&path).expect("dist file");
+        assert_eq!(
+            printed, kept,
+            "dist/{program}.toml is out of date: run `backhaul-{program} --config-example > dist/{program}.toml`"
+        );
+    }
+}
