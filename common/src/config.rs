@@ -22,44 +22,60 @@ pub fn env_prefix(program: &str) -> String {
 /// Settings from a file, ready to become defaults: (arg id, values).
 type FileValues = Vec<(String, Vec<String>)>;
 
-/// Builds `cmd` for `program` from `argv`: program-specific environment names, the file's
-/// values and the shared environment names as defaults. Errors are one line for the operator.
+/// Builds `cmd` for `program` from `argv`: program-specific environment names, then the shared
+/// names and the file's values beneath them. Errors are one line for the operator.
+///
+/// The shared names' and the file's values reach clap as the program's own environment
+/// variables (set here, before any thread starts, only where the variable is unset), so clap
+/// ranks them below flags and counts them as present for `required` flags. Repeatable flags
+/// without a value delimiter take the file's arrays as their defaults instead.
 pub fn prepare(program: &str, cmd: Command, argv: &[OsString]) -> Result<Command, String> {
     let prefix = env_prefix(program);
-    // 1. Program-specific environment names; remember the shared names' values.
-    let mut legacy: Vec<(String, String)> = Vec::new();
-    let mut cmd = cmd.mut_args(|a| {
-        let Some(old) = a.get_env().and_then(|e| e.to_str()).map(str::to_string) else {
-            return a;
-        };
-        let Some(rest) = old.strip_prefix("BACKHAUL_") else {
-            return a;
-        };
-        let new = format!("{prefix}{rest}");
-        if std::env::var_os(&new).is_none() {
-            if let Ok(v) = std::env::var(&old) {
-                legacy.push((a.get_id().to_string(), v));
+    // (arg id, the program's variable, the shared variable)
+    let names: Vec<(String, String, String)> = cmd
+        .get_arguments()
+        .filter_map(|a| {
+            let old = a.get_env()?.to_str()?.to_string();
+            let new = format!("{prefix}{}", old.strip_prefix("BACKHAUL_")?);
+            Some((a.get_id().to_string(), new, old))
+        })
+        .collect();
+    let unset = |name: &str| std::env::var_os(name).is_none();
+    // The shared names of earlier versions, beneath the program's own.
+    for (_, new, old) in &names {
+        if unset(new) {
+            if let Some(v) = std::env::var_os(old) {
+                std::env::set_var(new, v);
             }
         }
-        a.env(new)
-    });
-    // 2. The file, below the environment.
-    let path = config_path(argv, &prefix);
-    if let Some(path) = &path {
-        for (id, values) in read_file(&cmd, path)? {
-            cmd = cmd.mut_arg(&id, |a| a.default_values(values).required(false));
+    }
+    // The file, beneath the environment.
+    let mut defaults: Vec<(String, Vec<String>)> = Vec::new();
+    if let Some(path) = config_path(argv, &prefix) {
+        for (id, values) in read_file(&cmd, &path)? {
+            let var = names.iter().find(|(i, _, _)| *i == id).map(|(_, n, _)| n);
+            let arg = cmd.get_arguments().find(|a| a.get_id() == id.as_str());
+            let delimiter = arg.and_then(|a| a.get_value_delimiter());
+            match var {
+                Some(var) if values.len() == 1 || delimiter.is_some() => {
+                    if unset(var) {
+                        let joined = values.join(&delimiter.unwrap_or(',').to_string());
+                        std::env::set_var(var, joined);
+                    }
+                }
+                _ => defaults.push((id, values)),
+            }
         }
     }
-    // 3. The shared environment names, above the file.
-    for (id, value) in legacy {
-        cmd = cmd.mut_arg(&id, |a| {
-            let values: Vec<String> = if a.get_value_delimiter().is_some() {
-                value.split(',').map(str::to_string).collect()
-            } else {
-                vec![value.clone()]
-            };
-            a.default_values(values).required(false)
-        });
+    // clap reads a variable when it is named: after the values above are in place.
+    let mut cmd = cmd.mut_args(
+        |a| match names.iter().find(|(i, _, _)| a.get_id() == i.as_str()) {
+            Some((_, new, _)) => a.env(new.clone()),
+            None => a,
+        },
+    );
+    for (id, values) in defaults {
+        cmd = cmd.mut_arg(&id, |a| a.default_values(values).required(false));
     }
     Ok(cmd)
 }

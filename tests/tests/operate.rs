@@ -451,6 +451,20 @@ async fn a_config_file_sets_what_flags_and_environment_do_not() {
     assert_eq!(get(relay.addr(), "/metrics", None).await.0, 401);
     assert_eq!(get(relay.addr(), "/metrics", Some(ADMIN)).await.0, 200);
 
+    // Settings a program cannot start without may come from the file too.
+    let backend_toml = dir.join("backend.toml");
+    std::fs::write(
+        &backend_toml,
+        "listen = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    backhaul_tests::Program::listening(
+        "backhaul-backend",
+        &[s("--config"), s(backend_toml.display())],
+        &[],
+    )
+    .await;
+
     // Mistakes name the file, the line and the key.
     std::fs::write(&path, "listen = \"127.0.0.1:0\"\n\nmax-sesions = 5\n").unwrap();
     let err = refuses_to_start("backhaul-relay", &[s("--config"), s(path.display())], &[]).await;
