@@ -10,7 +10,12 @@ use std::time::Duration;
 /// (WebSocket, HTTP/2 stream, or HTTP/1.1 long-poll), and dials the backend's WebSocket for each
 /// session.
 #[derive(Debug, Parser)]
-#[command(version = backhaul_common::VERSION, about)]
+#[command(version = backhaul_common::VERSION, after_help = "Example:
+  backhaul-agent --relay http://relay.example:8080 --backend-id office-ssh --backend tcp://127.0.0.1:22 --agent-token-file /etc/backhaul/agent.secret
+
+Every flag is also the variable BACKHAUL_AGENT_<FLAG> and the key <flag> of the TOML file given
+by --config; flags win, then variables, then the file. --config-example prints every key.
+More: README.md and docs/ in the source tree.", about)]
 struct Args {
     /// The relay's URL, e.g. http://relay.example:8080 or https://relay.example (a frontend's
     /// ws:// or wss:// URL for the same relay works too).

@@ -10,7 +10,12 @@ use std::time::Duration;
 /// to the target service, or (--http-bridge) into HTTP POSTs to an application. The agent dials
 /// it; clients never see it.
 #[derive(Debug, Parser)]
-#[command(version = backhaul_common::VERSION, about)]
+#[command(version = backhaul_common::VERSION, after_help = "Example:
+  backhaul-backend --listen 127.0.0.1:9000 --target 127.0.0.1:22
+
+Every flag is also the variable BACKHAUL_BACKEND_<FLAG> and the key <flag> of the TOML file given
+by --config; flags win, then variables, then the file. --config-example prints every key.
+More: README.md and docs/ in the source tree.", about)]
 struct Args {
     /// Address to listen on for WebSocket sessions. Whoever can reach it can open sessions to
     /// --target: keep it on loopback or a private network only the agent can reach, and set

@@ -13,7 +13,12 @@ use std::time::Duration;
 /// With --stdio it works as an SSH ProxyCommand:
 ///   ssh -o ProxyCommand='backhaul-frontend --stdio --relay https://relay --backend-id ssh' host
 #[derive(Debug, Parser)]
-#[command(version = backhaul_common::VERSION, about, verbatim_doc_comment)]
+#[command(version = backhaul_common::VERSION, after_help = "Example:
+  backhaul-frontend --listen 127.0.0.1:2222 --relay http://relay.example:8080 --backend-id office-ssh
+
+Every flag is also the variable BACKHAUL_FRONTEND_<FLAG> and the key <flag> of the TOML file given
+by --config; flags win, then variables, then the file. --config-example prints every key.
+More: README.md and docs/ in the source tree.", about, verbatim_doc_comment)]
 struct Args {
     /// Address to accept TCP connections on.
     #[arg(

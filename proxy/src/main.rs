@@ -12,7 +12,12 @@ use std::time::Duration;
 /// backhaul-relay: the public server. Frontends open WebSockets at /b/<backend-id>; agents in
 /// private networks collect them with outbound HTTP requests to /agent/v1/links.
 #[derive(Debug, Parser)]
-#[command(version = backhaul_common::VERSION, about, args_conflicts_with_subcommands = true)]
+#[command(version = backhaul_common::VERSION, after_help = "Example:
+  backhaul-relay --listen 0.0.0.0:8080 --credentials /etc/backhaul/credentials.toml
+
+Every flag is also the variable BACKHAUL_RELAY_<FLAG> and the key <flag> of the TOML file given
+by --config; flags win, then variables, then the file. --config-example prints every key.
+More: README.md and docs/ in the source tree.", about, args_conflicts_with_subcommands = true)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
