@@ -66,7 +66,26 @@ pub struct Config {
     pub expose: Option<backhaul_common::api::ExposeRequest>,
 }
 
+/// One backend the agent serves: its ID at the relay, and what its sessions reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub id: String,
+    pub url: url::Url,
+}
+
+/// Reads the services again (on SIGHUP); the error says why the old ones stay.
+pub type Reload = Box<dyn Fn() -> Result<Vec<Service>, String> + Send + Sync>;
+
 impl Config {
+    /// This configuration, serving `service`.
+    pub fn serving(&self, service: &Service) -> Config {
+        Config {
+            backend_id: service.id.clone(),
+            backend: service.url.clone(),
+            ..self.clone()
+        }
+    }
+
     /// The relay URL as a string without a trailing slash.
     pub fn relay_base(&self) -> String {
         self.relay.as_str().trim_end_matches('/').to_string()
@@ -127,6 +146,91 @@ pub fn http_clients(cfg: &Config) -> anyhow::Result<Clients> {
         .build()
         .context("could not build the HTTP/2 client")?;
     Ok(Clients { h1, h1_fresh, h2 })
+}
+
+/// Serves every one of `services` over a link of its own (each as [`run`] does) until
+/// `shutdown`. With `reload`, SIGHUP reads the services again: new ones start, removed ones
+/// stop (their sessions close), changed ones restart, and the rest go on untouched.
+pub async fn serve_all(
+    base: Config,
+    services: Vec<Service>,
+    shutdown: CancellationToken,
+    reload: Option<Reload>,
+) -> anyhow::Result<()> {
+    use tracing::Instrument;
+    let mut running: std::collections::HashMap<
+        String,
+        (Service, CancellationToken, tokio::task::JoinHandle<()>),
+    > = std::collections::HashMap::new();
+    let start = |s: &Service| {
+        let stop = shutdown.child_token();
+        let cfg = base.serving(s);
+        let span = tracing::info_span!("backend", backend.id = %s.id);
+        let token = stop.clone();
+        let task = tokio::spawn(
+            async move {
+                if let Err(e) = run(cfg, token).await {
+                    error!("{e:#}");
+                }
+            }
+            .instrument(span),
+        );
+        (s.clone(), stop, task)
+    };
+    for s in &services {
+        running.insert(s.id.clone(), start(s));
+    }
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(h) if reload.is_some() => h.recv().await,
+                _ => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = hup => {}
+        }
+        let Some(reload) = &reload else { continue };
+        let wanted = match reload() {
+            Ok(w) if w.is_empty() => {
+                warn!("reload: the settings now list no backend; keeping the ones served");
+                continue;
+            }
+            Ok(w) => w,
+            Err(e) => {
+                warn!("reload failed, keeping the backends served: {e}");
+                continue;
+            }
+        };
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(id, (s, _, _))| !wanted.iter().any(|w| w == s && &w.id == *id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some((s, stop, task)) = running.remove(&id) {
+                info!("reload: no longer serving backend {} ({})", s.id, s.url);
+                stop.cancel();
+                let _ = task.await;
+            }
+        }
+        for w in &wanted {
+            if !running.contains_key(&w.id) {
+                info!("reload: now serving backend {} ({})", w.id, w.url);
+                running.insert(w.id.clone(), start(w));
+            }
+        }
+    }
+    for (_, (_, _, task)) in running {
+        let _ = task.await;
+    }
+    Ok(())
 }
 
 /// Registers with the relay and serves sessions until `shutdown`, re-registering whenever the

@@ -1,4 +1,4 @@
-use backhaul_agent::Config;
+use backhaul_agent::{Config, Service};
 use backhaul_common::secret::{self, Secret};
 use backhaul_common::telemetry;
 use clap::Parser;
@@ -37,15 +37,22 @@ struct Args {
     /// Like --expose, on this port (it must be free and in the relay's range).
     #[arg(long, env = "BACKHAUL_EXPOSE_PORT", value_parser = clap::value_parser!(u16).range(1..))]
     expose_port: Option<u16>,
-    /// The backend ID this agent serves (frontends ask for it by name).
-    #[arg(long, env = "BACKHAUL_BACKEND_ID")]
-    backend_id: String,
+    /// The backend ID this agent serves (frontends ask for it by name). With --backend; for
+    /// more than one, --serve.
+    #[arg(long, env = "BACKHAUL_BACKEND_ID", requires = "backend")]
+    backend_id: Option<String>,
+    /// Serve backend ID at URL (a ws://, wss:// or tcp:// URL as --backend takes), each over a
+    /// link of its own; repeatable, and beside --backend-id/--backend. In a --config file
+    /// (`serve = ["wiki=ws://127.0.0.1:9000", "ssh=tcp://127.0.0.1:22"]`) the list is read
+    /// again on SIGHUP: added backends start, removed ones stop, the others' sessions go on.
+    #[arg(long, value_name = "ID=URL")]
+    serve: Vec<String>,
     /// What each session reaches: a backend's WebSocket URL (ws://127.0.0.1:9000, e.g. a
     /// backhaul-backend), or a TCP service straight from the agent (tcp://127.0.0.1:22), which
     /// needs no backhaul-backend: clients then speak the TCP convention (binary messages, an
     /// empty one for end-of-stream), as backhaul-frontend does.
-    #[arg(long, env = "BACKHAUL_BACKEND")]
-    backend: String,
+    #[arg(long, env = "BACKHAUL_BACKEND", requires = "backend_id")]
+    backend: Option<String>,
     /// Token the relay requires from agents (its --agent-token). A flag shows in `ps`: prefer
     /// the environment or --agent-token-file. Refused when empty.
     #[arg(long, env = "BACKHAUL_AGENT_TOKEN", hide_env_values = true)]
@@ -126,6 +133,67 @@ fn parse_url(what: &str, s: &str, schemes: &[&str]) -> url::Url {
     u
 }
 
+/// One backend ID and its URL, checked as --backend is.
+fn service(id: &str, url: &str, what: &str) -> Result<Service, String> {
+    backhaul_common::api::validate_backend_id(id)
+        .map_err(|e| format!("{what}: backend ID {id:?}: {e}"))?;
+    let parsed = url::Url::parse(url).map_err(|e| format!("{what} {url:?} is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "ws" | "wss" | "tcp") || parsed.host_str().is_none() {
+        return Err(format!(
+            "{what} {url:?} must be ws://, wss:// or tcp://HOST:PORT"
+        ));
+    }
+    if parsed.scheme() == "tcp" {
+        if parsed.port().is_none() {
+            return Err(format!("{what} {url:?} needs a port: tcp://HOST:PORT"));
+        }
+        if !matches!(parsed.path(), "" | "/") || parsed.query().is_some() {
+            return Err(format!(
+                "{what} {url:?}: a tcp:// backend is HOST:PORT only, without a path or query"
+            ));
+        }
+    }
+    Ok(Service {
+        id: id.to_string(),
+        url: parsed,
+    })
+}
+
+/// `ID=URL`, as --serve takes it.
+fn parse_serve(entry: &str) -> Result<Service, String> {
+    let (id, url) = entry.split_once('=').ok_or_else(|| {
+        format!("--serve {entry:?} must be ID=URL, e.g. wiki=ws://127.0.0.1:9000")
+    })?;
+    service(id.trim(), url.trim(), "--serve")
+}
+
+/// Fails when two services share a backend ID.
+fn distinct(services: &[Service]) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for s in services {
+        if !seen.insert(&s.id) {
+            return Err(format!("backend ID {:?} is served twice", s.id));
+        }
+    }
+    Ok(())
+}
+
+/// The services after a SIGHUP: `fixed` (from flags) and the `serve` list of the file.
+fn reload_services(path: &std::path::Path, fixed: &[Service]) -> Result<Vec<Service>, String> {
+    use clap::CommandFactory;
+    let values = backhaul_common::config::read_file(&Args::command(), path)?;
+    let mut services = fixed.to_vec();
+    for (id, list) in values {
+        if id == "serve" {
+            for entry in list {
+                services.push(parse_serve(&entry)?);
+            }
+        }
+    }
+    distinct(&services)?;
+    Ok(services)
+}
+
 fn main() {
     let args: Args = backhaul_common::runtime::parse_args("backhaul-agent");
     backhaul_common::runtime::run("backhaul-agent", args.runtime.threads, serve(args));
@@ -160,17 +228,21 @@ async fn serve(args: Args) {
         relay = url::Url::parse(&as_web)
             .unwrap_or_else(|e| fail(format!("--relay {:?}: {e}", args.relay)));
     }
-    let backend = parse_url("backend", &args.backend, &["ws", "wss", "tcp"]);
-    if backend.scheme() == "tcp" {
-        let s = &args.backend;
-        if backend.port().is_none() {
-            fail(format!("--backend {s:?} needs a port: tcp://HOST:PORT"));
-        }
-        if !matches!(backend.path(), "" | "/") || backend.query().is_some() {
-            fail(format!(
-                "--backend {s:?}: a tcp:// backend is HOST:PORT only, without a path or query"
-            ));
-        }
+    let mut services: Vec<Service> = Vec::new();
+    if let (Some(id), Some(url)) = (&args.backend_id, &args.backend) {
+        services.push(service(id, url, "--backend").unwrap_or_else(|e| fail(e)));
+    }
+    for entry in &args.serve {
+        services.push(parse_serve(entry).unwrap_or_else(|e| fail(e)));
+    }
+    if let Err(e) = distinct(&services) {
+        fail(e);
+    }
+    if services.is_empty() {
+        fail("nothing to serve: give --backend-id and --backend, or --serve ID=URL (repeatable)");
+    }
+    if (args.expose || args.expose_port.is_some()) && services.len() > 1 {
+        fail("--expose exposes one backend: run it with a single --backend-id/--backend");
     }
     if let Err(e) = backhaul_common::api::parse_allow(&args.expose_allow) {
         fail(format!("--expose-allow: {e}"));
@@ -178,17 +250,15 @@ async fn serve(args: Args) {
     if !args.expose_allow.is_empty() && !args.expose && args.expose_port.is_none() {
         fail("--expose-allow needs --expose or --expose-port".to_string());
     }
-    if let Err(e) = backhaul_common::api::validate_backend_id(&args.backend_id) {
-        fail(format!("--backend-id: {e}"));
-    }
     let tls = args.ca_cert.as_deref().map(|ca| {
         backhaul_common::tls::client_config(Some(ca))
             .unwrap_or_else(|e| fail(format!("--ca-cert: {e:#}")))
     });
+    let first = services[0].clone();
     let config = Config {
         relay,
-        backend_id: args.backend_id,
-        backend,
+        backend_id: first.id,
+        backend: first.url,
         max_message: args.max_message_kib * 1024,
         agent_token,
         backend_secret,
@@ -208,19 +278,35 @@ async fn serve(args: Args) {
         ),
     };
     if check {
-        match backhaul_agent::check(config).await {
-            Ok(what) => {
-                println!("backhaul-agent: check passed: {what}");
-                std::process::exit(0);
-            }
-            Err(why) => {
-                println!("backhaul-agent: check failed: {why}");
-                std::process::exit(1);
+        let mut failed = false;
+        for s in &services {
+            let cfg = config.serving(s);
+            match backhaul_agent::check(cfg).await {
+                Ok(what) => println!("backhaul-agent: check passed: {what}"),
+                Err(why) => {
+                    println!("backhaul-agent: check failed: {why}");
+                    failed = true;
+                }
             }
         }
+        std::process::exit(i32::from(failed));
     }
+    // A --config file's `serve` list is read again on SIGHUP, unless --serve gave it.
+    let cli_serve = std::env::args().any(|a| a == "--serve" || a.starts_with("--serve="));
+    let reload = match (&args.runtime.config, cli_serve) {
+        (Some(path), false) => {
+            let path = path.clone();
+            let fixed: Vec<Service> = services
+                .iter()
+                .filter(|s| Some(&s.id) == args.backend_id.as_ref())
+                .cloned()
+                .collect();
+            Some(Box::new(move || reload_services(&path, &fixed)) as backhaul_agent::Reload)
+        }
+        _ => None,
+    };
     let shutdown = telemetry::shutdown_on_signals();
-    if let Err(e) = backhaul_agent::run(config, shutdown).await {
+    if let Err(e) = backhaul_agent::serve_all(config, services, shutdown, reload).await {
         eprintln!("backhaul-agent: {e:#}");
         std::process::exit(1);
     }

@@ -111,3 +111,114 @@ async fn tcp_backends_without_a_port_or_with_a_path_are_refused_at_start() {
         assert!(err.contains(needle), "{backend}: {err}");
     }
 }
+
+/// One agent, several backends (`--serve ID=URL` or a config file's `serve` list), each reaching
+/// its own service; SIGHUP after the file changed starts and stops backends and leaves the
+/// others' sessions alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_serves_several_backends_and_a_reload_changes_them_without_dropping_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = relay(&[], &[]).await;
+    let url = format!("http://{}", relay.addr());
+    let echo = services::echo().await;
+    let (b, c) = (
+        services::reply_after_eof(7, 5000).await,
+        services::reply_after_eof(8, 6000).await,
+    );
+    let dir = backhaul_tests::scratch_dir("serve");
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("relay = \"{url}\"\nserve = [\"a=tcp://{echo}\", \"b=tcp://{b}\"]\n"),
+    )
+    .unwrap();
+    let mut agent = Program::spawn("backhaul-agent", &[s("--config"), s(config.display())], &[]);
+    registered(&mut agent, &["a", "b"]).await;
+    let fa = frontend(&url, "a", &[], &[]).await;
+    let fb = frontend(&url, "b", &[], &[]).await;
+    let fc = frontend(&url, "c", &[], &[]).await;
+    echo_transfer(fa.addr(), 1, 1 << 20).await;
+    half_close_then_reply(fb.addr(), 2, 1000, 7, 5000).await;
+
+    // A session of backend a stays open across the reload.
+    let mut live = tokio::net::TcpStream::connect(fa.addr()).await.unwrap();
+    let mut buf = [0u8; 5];
+    live.write_all(b"first").await.unwrap();
+    live.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"first");
+
+    std::fs::write(
+        &config,
+        format!("relay = \"{url}\"\nserve = [\"a=tcp://{echo}\", \"c=tcp://{c}\"]\n"),
+    )
+    .unwrap();
+    let pid = agent.pid().expect("the agent runs").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    agent.wait_line("for backend c").await;
+    half_close_then_reply(fc.addr(), 3, 1000, 8, 6000).await;
+    agent.wait_stderr("no longer serving backend b").await;
+    expect_closed_promptly(
+        fb.addr(),
+        b"anyone?",
+        "backend b is still served after the reload",
+    )
+    .await;
+    live.write_all(b"again").await.unwrap();
+    live.read_exact(&mut buf).await.unwrap();
+    assert_eq!(
+        &buf, b"again",
+        "backend a's session broke across the reload"
+    );
+
+    // --serve on the command line, and its mistakes.
+    let agent2 = agent_cmd(
+        &url,
+        &[
+            s("--serve"),
+            format!("x=tcp://{echo}"),
+            s("--serve"),
+            format!("y=tcp://{b}"),
+        ],
+    );
+    let mut agent2 = Program::spawn("backhaul-agent", &agent2, &[]);
+    registered(&mut agent2, &["x", "y"]).await;
+    for (args, says) in [
+        (vec![s("--serve"), s("x")], "must be ID=URL"),
+        (
+            vec![
+                s("--serve"),
+                format!("x=tcp://{echo}"),
+                s("--serve"),
+                format!("x=tcp://{b}"),
+            ],
+            "served twice",
+        ),
+        (vec![], "nothing to serve"),
+        (
+            vec![s("--serve"), s("x=http://h")],
+            "ws://, wss:// or tcp://",
+        ),
+    ] {
+        let err = refuses_to_start("backhaul-agent", &agent_cmd(&url, &args), &[]).await;
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+/// Waits until the agent has announced a link for every one of `ids`, in any order.
+async fn registered(agent: &mut Program, ids: &[&str]) {
+    let mut left: Vec<&str> = ids.to_vec();
+    while !left.is_empty() {
+        let line = agent.wait_line("connected to relay").await;
+        left.retain(|id| !line.ends_with(&format!("for backend {id}")));
+    }
+}
+
+fn agent_cmd(relay: &str, extra: &[String]) -> Vec<String> {
+    let mut args = vec![s("--relay"), s(relay)];
+    args.extend(extra.iter().cloned());
+    args
+}
