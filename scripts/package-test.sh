@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 if ! command -v cargo-deb >/dev/null; then
     echo "package-test: installing cargo-deb from crates.io (about 2 minutes)"
-    cargo install cargo-deb --locked --quiet
+    cargo install cargo-deb --version 3.8.0 --locked --quiet
 fi
 
 echo "== packages"
@@ -23,9 +23,9 @@ echo "== systemd units (systemd-analyze verify, and the exposure score)"
 units=$(mktemp -d)
 trap 'rm -rf "$units"' EXIT
 for p in relay agent frontend backend; do
-    dpkg-deb --fsys-tarfile "target/debian/"backhaul-${p}_*.deb | tar -x -C "$units" ./lib/systemd/system/backhaul-$p.service ./etc/backhaul/$p.toml
+    dpkg-deb --fsys-tarfile "target/debian/"backhaul-${p}_*.deb | tar -x -C "$units" ./usr/lib/systemd/system/backhaul-$p.service ./etc/backhaul/$p.toml
     # verify checks that ExecStart's program exists: point it at the one just built.
-    sed "s|/usr/bin/|$PWD/target/release/|" "$units/lib/systemd/system/backhaul-$p.service" > "$units/backhaul-$p.service"
+    sed "s|/usr/bin/|$PWD/target/release/|" "$units/usr/lib/systemd/system/backhaul-$p.service" > "$units/backhaul-$p.service"
 done
 systemd-analyze verify --man=no "$units"/backhaul-*.service
 for p in relay agent frontend backend; do
@@ -46,7 +46,7 @@ EOF
 trap 'rm -rf "$units" "$ctx"; docker rmi -f "$image" >/dev/null 2>&1 || true' EXIT
 docker run --rm "$image" sh -euc '
     for p in relay agent frontend backend; do
-        test -x /usr/bin/backhaul-$p && test -f /etc/backhaul/$p.toml && test -f /lib/systemd/system/backhaul-$p.service
+        test -x /usr/bin/backhaul-$p && test -f /etc/backhaul/$p.toml && test -f /usr/lib/systemd/system/backhaul-$p.service
     done
     mkdir -p /tmp/www && head -c 3000000 /dev/urandom > /tmp/www/blob
     busybox httpd -p 127.0.0.1:8000 -h /tmp/www

@@ -196,10 +196,17 @@ pub async fn serve_all(
             _ = shutdown.cancelled() => break,
             _ = hup => {}
         }
-        let Some(reload) = &reload else { continue };
+        let Some(reload) = &reload else {
+            info!("SIGHUP: nothing to reload (the backends come from --serve or --backend-id; a --config file's serve list is what a reload reads)");
+            continue;
+        };
         let wanted = match reload() {
             Ok(w) if w.is_empty() => {
                 warn!("reload: the settings now list no backend; keeping the ones served");
+                continue;
+            }
+            Ok(w) if w.len() > 1 && base.expose.is_some() => {
+                warn!("reload: --expose exposes one backend, and the settings now list {}; keeping the backends served", w.len());
                 continue;
             }
             Ok(w) => w,
@@ -208,17 +215,26 @@ pub async fn serve_all(
                 continue;
             }
         };
+        // Gone or changed, and any that ended by itself: stopped together, started again below.
         let gone: Vec<String> = running
             .iter()
-            .filter(|(id, (s, _, _))| !wanted.iter().any(|w| w == s && &w.id == *id))
+            .filter(|(id, (s, _, task))| {
+                task.is_finished() || !wanted.iter().any(|w| w == s && &w.id == *id)
+            })
             .map(|(id, _)| id.clone())
             .collect();
+        let mut stopping = Vec::new();
         for id in gone {
             if let Some((s, stop, task)) = running.remove(&id) {
-                info!("reload: no longer serving backend {} ({})", s.id, s.url);
+                if !wanted.iter().any(|w| w.id == s.id) {
+                    info!("reload: no longer serving backend {} ({})", s.id, s.url);
+                }
                 stop.cancel();
-                let _ = task.await;
+                stopping.push(task);
             }
+        }
+        for task in stopping {
+            let _ = task.await;
         }
         for w in &wanted {
             if !running.contains_key(&w.id) {
@@ -242,7 +258,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut lasting = Backoff::new(refused::LASTING_INITIAL, refused::LASTING_MAX);
     let hello = hello(&cfg);
     while !shutdown.is_cancelled() {
-        match register(&cfg, &clients.h1, &hello).await {
+        let registered = tokio::select! {
+            r = register(&cfg, &clients.h1, &hello) => r,
+            _ = shutdown.cancelled() => break,
+        };
+        match registered {
             Ok(info) => {
                 backoff.reset();
                 lasting.reset();

@@ -80,7 +80,7 @@ struct Args {
     /// with code 1009 ("message too big") and says the limit.
     #[arg(long, env = "BACKHAUL_MAX_MESSAGE_KIB", default_value_t = backhaul_common::DEFAULT_MAX_MESSAGE_KIB, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
     max_message_kib: u64,
-    /// Most sessions served at once.
+    /// Most sessions served at once, per backend (each --serve has its own).
     #[arg(long, env = "BACKHAUL_MAX_SESSIONS", default_value_t = 20000)]
     max_sessions: usize,
     /// Window growth all sessions together may be granted, in MiB (how far one session's
@@ -278,10 +278,13 @@ async fn serve(args: Args) {
         ),
     };
     if check {
+        // Every backend at once, so that several fit in one health check's timeout.
+        let checks = services
+            .iter()
+            .map(|s| backhaul_agent::check(config.serving(s)));
         let mut failed = false;
-        for s in &services {
-            let cfg = config.serving(s);
-            match backhaul_agent::check(cfg).await {
+        for result in futures_util::future::join_all(checks).await {
+            match result {
                 Ok(what) => println!("backhaul-agent: check passed: {what}"),
                 Err(why) => {
                     println!("backhaul-agent: check failed: {why}");
@@ -292,7 +295,10 @@ async fn serve(args: Args) {
         std::process::exit(i32::from(failed));
     }
     // A --config file's `serve` list is read again on SIGHUP, unless --serve gave it.
-    let cli_serve = std::env::args().any(|a| a == "--serve" || a.starts_with("--serve="));
+    let cli_serve = std::env::args_os().any(|a| {
+        a.to_str()
+            .is_some_and(|a| a == "--serve" || a.starts_with("--serve="))
+    });
     let reload = match (&args.runtime.config, cli_serve) {
         (Some(path), false) => {
             let path = path.clone();

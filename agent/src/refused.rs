@@ -53,10 +53,21 @@ pub fn answer(url: &str, status: u16, content_type: &str, body: &str) -> Failure
             message: format!("the relay could not expose the backend{said}"),
             lasting: false,
         },
+        // A relay implements every method it is asked for: 501 comes from something else.
+        501 => lasting(format!(
+            "{url} answered 501{}: it is not a backhaul relay; check --relay",
+            if html { " with an HTML page" } else { "" }
+        )),
+        // A proxy's or the relay's trouble that may pass (an nginx 502 page while the relay
+        // restarts, a body that timed out, too many requests): soon, whatever the page looks like.
+        500..=599 | 408 | 429 => Failure {
+            message: format!("the relay answered {status}{said}"),
+            lasting: false,
+        },
         _ if html => lasting(format!(
             "{url} answered {status} with an HTML page: it is not a backhaul relay (a web server, or a proxy's error page); check --relay and the proxy settings"
         )),
-        404 | 405 | 501 => lasting(format!(
+        404 | 405 => lasting(format!(
             "{url} answered {status}{said}: it is not a backhaul relay; check --relay"
         )),
         400..=499 => lasting(format!("the relay answered {status}{said}")),
@@ -137,7 +148,7 @@ mod tests {
             "text/html",
             "<html><body>Not Implemented</body></html>",
         );
-        assert!(f.lasting && f.message.contains("HTML page"), "{f:?}");
+        assert!(f.lasting && f.message.contains("not a backhaul relay"), "{f:?}");
         assert!(!f.message.contains("<html>"), "no markup in the log: {f:?}");
         let f = answer(URL, 404, "text/plain", "Not Found");
         assert!(
@@ -156,6 +167,9 @@ mod tests {
         assert!(!answer(URL, 503, "text/plain", "restarting").lasting);
         assert!(!answer(URL, 502, "", "").lasting);
         assert!(!answer(URL, 409, "text/plain", "port taken").lasting);
+        assert!(!answer(URL, 502, "text/html", "<html>Bad Gateway</html>").lasting);
+        assert!(!answer(URL, 408, "text/plain", "the body took too long").lasting);
+        assert!(!answer(URL, 429, "text/plain", "slow down").lasting);
         assert!(!no_answer(URL, "error sending request: connection refused").lasting);
     }
 

@@ -41,22 +41,30 @@ pub fn prepare(program: &str, cmd: Command, argv: &[OsString]) -> Result<Command
         })
         .collect();
     let unset = |name: &str| std::env::var_os(name).is_none();
-    // The shared names of earlier versions, beneath the program's own.
-    for (_, new, old) in &names {
-        if unset(new) {
+    // The shared names of earlier versions, beneath the program's own (not the file's name:
+    // one exported file name would send every program to the same file).
+    for (id, new, old) in &names {
+        if unset(new) && id != "config" {
             if let Some(v) = std::env::var_os(old) {
                 std::env::set_var(new, v);
             }
         }
     }
-    // The file, beneath the environment.
+    // The file, beneath the environment (not for --help and --version, which must work
+    // whatever the file holds).
     let mut defaults: Vec<(String, Vec<String>)> = Vec::new();
-    if let Some(path) = config_path(argv, &prefix) {
+    let asks_help = argv
+        .iter()
+        .skip(1)
+        .any(|a| matches!(a.to_str(), Some("--help" | "-h" | "--version" | "-V")));
+    if let Some(path) = config_path(argv, &prefix).filter(|_| !asks_help) {
         for (id, values) in read_file(&cmd, &path)? {
             let var = names.iter().find(|(i, _, _)| *i == id).map(|(_, n, _)| n);
             let arg = cmd.get_arguments().find(|a| a.get_id() == id.as_str());
             let delimiter = arg.and_then(|a| a.get_value_delimiter());
             match var {
+                // An empty list sets nothing (the variable would read as one empty value).
+                Some(_) if values.is_empty() => {}
                 Some(var) if values.len() == 1 || delimiter.is_some() => {
                     if unset(var) {
                         let joined = values.join(&delimiter.unwrap_or(',').to_string());
@@ -102,7 +110,7 @@ fn config_path(argv: &[OsString], prefix: &str) -> Option<PathBuf> {
 fn settable(cmd: &Command) -> impl Iterator<Item = &Arg> {
     cmd.get_arguments().filter(|a| {
         a.get_long()
-            .is_some_and(|l| !matches!(l, "config" | "help" | "version"))
+            .is_some_and(|l| !matches!(l, "config" | "help" | "version" | "check"))
             && !matches!(
                 a.get_action(),
                 ArgAction::Help | ArgAction::Version | ArgAction::HelpLong | ArgAction::HelpShort
@@ -186,6 +194,9 @@ pub fn read_file(cmd: &Command, path: &Path) -> Result<FileValues, String> {
         };
         if flag && values == ["false"] {
             continue;
+        }
+        if values.iter().any(|v| v.contains('\0')) {
+            return Err(at("a value may not contain a NUL character".to_string()));
         }
         // The flag's own parser judges each value, as it would on the command line.
         let probe = Command::new("probe").no_binary_name(true).arg(
@@ -394,6 +405,10 @@ mod tests {
             ),
             ("relay = \"x\"\nlisten = \n", ":2: not valid TOML"),
             ("config = \"other.toml\"\n", ":1: config: no such setting"),
+            (
+                "relay = \"x\\u0000\"\n",
+                ":1: relay: a value may not contain a NUL",
+            ),
         ] {
             let p = file("bad.toml", text);
             let e = parse(&p, &[]).unwrap_err();
