@@ -148,7 +148,10 @@ mod tests {
             "text/html",
             "<html><body>Not Implemented</body></html>",
         );
-        assert!(f.lasting && f.message.contains("not a backhaul relay"), "{f:?}");
+        assert!(
+            f.lasting && f.message.contains("not a backhaul relay"),
+            "{f:?}"
+        );
         assert!(!f.message.contains("<html>"), "no markup in the log: {f:?}");
         let f = answer(URL, 404, "text/plain", "Not Found");
         assert!(

@@ -404,6 +404,14 @@ pub struct LinkStatus {
     pub sessions: usize,
 }
 
+/// A session just opened: the relay's side, the pump's peer, and (when the client offered
+/// subprotocols) where the agent's OPENED or CLOSE arrives.
+pub type Opened = (
+    Arc<RelaySession>,
+    SessionPeer,
+    Option<tokio::sync::oneshot::Receiver<Frame>>,
+);
+
 /// Keeps a link marked busy while an agent request is being served.
 pub struct InFlight(Arc<Link>);
 
@@ -514,21 +522,13 @@ impl Hub {
     }
 
     /// Opens a session (see [`Hub::try_open_session`]) and counts it, or its refusal.
-    #[allow(clippy::type_complexity)]
     pub fn open_session(
         &self,
         backend: &str,
         open: &OpenRequest,
         client: IpAddr,
         backend_cap: Option<usize>,
-    ) -> Result<
-        (
-            Arc<RelaySession>,
-            SessionPeer,
-            Option<tokio::sync::oneshot::Receiver<Frame>>,
-        ),
-        HubError,
-    > {
+    ) -> Result<Opened, HubError> {
         let opened = self.try_open_session(backend, open, client, backend_cap);
         let m = &self.metrics;
         match &opened {
@@ -553,21 +553,13 @@ impl Hub {
     ///
     /// When the client offered subprotocols, the third value receives the agent's OPENED (with
     /// the backend's choice) or CLOSE, so the upgrade can be answered with the real choice.
-    #[allow(clippy::type_complexity)]
     fn try_open_session(
         &self,
         backend: &str,
         open: &OpenRequest,
         client: IpAddr,
         backend_cap: Option<usize>,
-    ) -> Result<
-        (
-            Arc<RelaySession>,
-            SessionPeer,
-            Option<tokio::sync::oneshot::Receiver<Frame>>,
-        ),
-        HubError,
-    > {
+    ) -> Result<Opened, HubError> {
         let payload = Bytes::from(serde_json::to_vec(open).unwrap_or_default());
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;

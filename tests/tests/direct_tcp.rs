@@ -97,7 +97,7 @@ async fn tcp_backends_without_a_port_or_with_a_path_are_refused_at_start() {
     for (backend, needle) in [
         ("tcp://127.0.0.1", "needs a port"),
         ("tcp://127.0.0.1:22/ssh", "without a path or query"),
-        ("udp://127.0.0.1:53", "must start with"),
+        ("udp://127.0.0.1:53", "must be ws://, wss:// or tcp://"),
     ] {
         let args = [
             s("--relay"),

@@ -71,6 +71,15 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
+/// POSTs `body` to a callback URL as a third party would; the status and the answer.
+async fn post_callback(url: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
+    let (addr, path) = callback_target(url);
+    let headers: Vec<(&str, &str)> = content_type
+        .map(|t| vec![("content-type", t)])
+        .unwrap_or_default();
+    http(addr, "POST", &path, &headers, body).await
+}
+
 /// The address and path of a callback URL the app was given.
 fn callback_target(url: &str) -> (SocketAddr, String) {
     let rest = url.strip_prefix("http://").expect("an http:// callback");
@@ -146,15 +155,7 @@ async fn websocat_messages_reach_the_app_in_order_and_callbacks_come_back() {
         .await;
     let bye = of(&events, "echo", "disconnect")[0];
     assert_eq!(bye["callback"], callback.as_str());
-    let (addr, path) = callback_target(&callback);
-    let (status, body) = http(
-        addr,
-        "POST",
-        &path,
-        &[("content-type", "text/plain")],
-        b"late",
-    )
-    .await;
+    let (status, body) = post_callback(&callback, Some("text/plain"), b"late").await;
     assert_eq!(status, 404, "{body}");
     b.backend
         .wait_stderr("bridge session ended: client closed")
@@ -261,19 +262,11 @@ async fn a_callback_url_shared_with_another_party_reaches_its_client() {
         .as_str()
         .unwrap()
         .to_string();
-    let (addr, path) = callback_target(&a_callback);
-    let (status, body) = http(
-        addr,
-        "POST",
-        &path,
-        &[("content-type", "text/plain")],
-        b"from outside",
-    )
-    .await;
+    let (status, body) = post_callback(&a_callback, Some("text/plain"), b"from outside").await;
     assert_eq!(status, 204, "{body}");
     assert_eq!(next_line(&mut a_lines).await, "from outside");
     // Binary callbacks are binary messages.
-    let (status, _) = http(addr, "POST", &path, &[], b"\x00\x01raw").await;
+    let (status, _) = post_callback(&a_callback, None, b"\x00\x01raw").await;
     assert_eq!(status, 204);
 
     // B leaves: its callback stops working, A's goes on.
