@@ -135,8 +135,12 @@ fn parse_url(what: &str, s: &str, schemes: &[&str]) -> url::Url {
 
 /// One backend ID and its URL, checked as --backend is.
 fn service(id: &str, url: &str, what: &str) -> Result<Service, String> {
-    backhaul_common::api::validate_backend_id(id)
-        .map_err(|e| format!("{what}: backend ID {id:?}: {e}"))?;
+    let id_flag = if what == "--backend" {
+        "--backend-id"
+    } else {
+        what
+    };
+    backhaul_common::api::validate_backend_id(id).map_err(|e| format!("{id_flag}: {e}"))?;
     let parsed = url::Url::parse(url).map_err(|e| format!("{what} {url:?} is not a URL: {e}"))?;
     if !matches!(parsed.scheme(), "ws" | "wss" | "tcp") || parsed.host_str().is_none() {
         return Err(format!(

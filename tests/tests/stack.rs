@@ -157,7 +157,9 @@ async fn tokens_keep_strangers_out() {
         &[(s("BACKHAUL_AGENT_TOKEN"), s("a-guess"))],
     );
     stranger
-        .wait_stderr("401 Unauthorized: the agent's credential is not valid")
+        .wait_stderr(
+            "refused this agent's credential (the relay said: the agent's credential is not valid",
+        )
         .await;
     drop(stranger);
     let _agent = agent(

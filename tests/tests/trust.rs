@@ -241,7 +241,7 @@ async fn an_agent_secret_opens_only_its_own_backend() {
     for (id, thief, reason) in &thieves {
         thief
             .wait_stderr(
-                "401 Unauthorized: the agent's credential is not valid for this backend ID",
+                "refused this agent's credential (the relay said: the agent's credential is not valid for this backend ID",
             )
             .await;
         let needle = format!("refused an agent registering for backend '{id}' from 127.0.0.1:");
@@ -455,7 +455,9 @@ async fn sighup_revokes_a_rotated_secret_and_spares_other_sessions() {
         rest.len()
     );
     old_alpha
-        .wait_stderr("401 Unauthorized: the agent's credential is not valid")
+        .wait_stderr(
+            "refused this agent's credential (the relay said: the agent's credential is not valid",
+        )
         .await;
     // Beta never noticed.
     beta_conn.chunk(MIB as usize).await;
