@@ -84,6 +84,8 @@ fn relay() -> &'static Relay {
             },
             tls: None,
             expose: None,
+            // The fuzzer's requests come from loopback: /metrics and /status get fuzzed too.
+            admin: backhaul_relay::AdminAccess::Loopback,
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         rt.spawn(async move {
