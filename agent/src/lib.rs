@@ -15,6 +15,7 @@
 pub mod body;
 pub mod link;
 pub mod longpoll;
+pub mod metrics;
 pub mod refused;
 pub mod stream;
 pub mod transport;
@@ -289,6 +290,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 let link = link::Link::new(cfg.clone(), &clients, info, &shutdown);
                 let why = link.clone().run().await;
+                metrics::metrics().link_ended(
+                    &cfg.backend_id,
+                    link.carrier().map(|t| t.to_string()).as_deref(),
+                );
                 if shutdown.is_cancelled() {
                     link.deregister().await;
                     break;
@@ -296,6 +301,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 warn!("link to relay ended: {why}; registering again");
             }
             Err(failure) => {
+                metrics::metrics()
+                    .registration_failures
+                    .get_or_create(&metrics::KindLabel {
+                        kind: if failure.lasting {
+                            "lasting"
+                        } else {
+                            "transient"
+                        },
+                    })
+                    .inc();
                 // An answer that will not change by itself (a wrong token, not a relay) is
                 // retried every few minutes, not every few seconds.
                 let d = if failure.lasting {

@@ -309,11 +309,22 @@ impl Link {
         Ok(())
     }
 
+    /// The transport carrying the link now, if any yet.
+    pub fn carrier(&self) -> Option<Transport> {
+        *lock(&self.carrier)
+    }
+
     /// Says on stdout (for people and scripts) and in the log which transport carries the link,
     /// when it changes; reconnections on the same transport are only logged at debug level.
     pub(crate) fn announce_transport(&self, transport: Transport, note: &str) {
-        let changed = lock(&self.carrier).replace(transport) != Some(transport);
+        let before = lock(&self.carrier).replace(transport);
+        let changed = before != Some(transport);
         if changed {
+            crate::metrics::metrics().transport(
+                &self.cfg.backend_id,
+                before.map(|t| t.to_string()).as_deref(),
+                &transport.to_string(),
+            );
             backhaul_common::telemetry::announce(&format!(
                 "backhaul-agent: link to the relay carried over {transport} ({note})"
             ));
@@ -400,7 +411,10 @@ impl Link {
                 let opened = serde_json::to_vec(&Opened { protocol: None }).unwrap_or_default();
                 self.send(Frame::new(Kind::Opened, 0, id, Bytes::from(opened)));
                 let (r, w) = tcp_peer(tcp);
-                log_end(&pump_peer(r, w, peer, Arc::new(Sink(self.clone()))).await);
+                log_end(
+                    &self.cfg.backend_id,
+                    &pump_peer(r, w, peer, Arc::new(Sink(self.clone()))).await,
+                );
                 return;
             }
             Ok(Err(e)) => e.to_string(),
@@ -459,6 +473,7 @@ impl Link {
         );
         tracker.spawn(
             async move {
+                let _counted = crate::metrics::metrics().session(&link.cfg.backend_id);
                 if link.cfg.backend.scheme() == "tcp" {
                     link.carry_tcp(id, peer).await;
                     lock(&link.sessions).remove(&id);
@@ -498,7 +513,10 @@ impl Link {
                             role: Role::Client,
                             max_message: link.cfg.max_message,
                         };
-                        log_end(&pump(io, side, peer, Arc::new(Sink(link.clone()))).await);
+                        log_end(
+                            &link.cfg.backend_id,
+                            &pump(io, side, peer, Arc::new(Sink(link.clone()))).await,
+                        );
                     }
                     Err(e) => {
                         // The span names the session; the client's close reason may not.
@@ -517,7 +535,8 @@ impl Link {
 pub(crate) type RelayStream = backhaul_common::dial::WsIo;
 
 /// The session's last log line: how it ended and what it carried.
-fn log_end(summary: &Summary) {
+fn log_end(backend: &str, summary: &Summary) {
+    crate::metrics::metrics().session_ended(backend, summary.received, summary.sent);
     info!(
         bytes.to_backend = summary.received,
         bytes.from_backend = summary.sent,

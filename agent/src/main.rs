@@ -94,6 +94,11 @@ struct Args {
     /// which one carries the link and why), or force one of websocket, http2, longpoll.
     #[arg(long, env = "BACKHAUL_TRANSPORT", default_value = "auto")]
     transport: backhaul_agent::transport::TransportChoice,
+    /// Serve the agent's metrics (OpenMetrics text, GET /metrics) on this address, e.g.
+    /// 127.0.0.1:9464. Anyone who reaches it can read them: keep it on loopback or a
+    /// monitoring network.
+    #[arg(long, value_name = "ADDR", env = "BACKHAUL_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Check the configuration and exit: register with the relay once, connect to the
     /// backend once, print what worked or what did not, and exit 0 when both did (1
     /// otherwise). For health checks (compose, systemd).
@@ -316,6 +321,18 @@ async fn serve(args: Args) {
         _ => None,
     };
     let shutdown = telemetry::shutdown_on_signals();
+    if let Some(addr) = &args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| fail(format!("--metrics-listen: could not listen on {addr}: {e}")));
+        let bound = listener
+            .local_addr()
+            .unwrap_or_else(|e| fail(format!("--metrics-listen: {e}")));
+        telemetry::announce(&format!(
+            "backhaul-agent: metrics at http://{bound}/metrics"
+        ));
+        tokio::spawn(backhaul_agent::metrics::serve(listener, shutdown.clone()));
+    }
     if let Err(e) = backhaul_agent::serve_all(config, services, shutdown, reload).await {
         eprintln!("backhaul-agent: {e:#}");
         std::process::exit(1);

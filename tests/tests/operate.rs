@@ -498,3 +498,71 @@ async fn the_example_config_files_in_dist_are_what_the_programs_print() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_its_own_metrics_on_request() {
+    const UP: u64 = 300_000;
+    const DOWN: u64 = 70_000;
+    let relay = backhaul_tests::relay(&[], &[]).await;
+    let url = format!("http://{}", relay.addr());
+    let service = services::reply_after_eof(5, DOWN).await;
+    let mut agent = backhaul_tests::Program::spawn(
+        "backhaul-agent",
+        &[
+            s("--relay"),
+            s(&url),
+            s("--serve"),
+            format!("counted=tcp://{service}"),
+            s("--metrics-listen"),
+            s("127.0.0.1:0"),
+        ],
+        &[],
+    );
+    let line = agent.wait_line("metrics at http://").await;
+    let addr: SocketAddr = line
+        .trim_end_matches("/metrics")
+        .rsplit("http://")
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    agent.wait_line("for backend counted").await;
+    let frontend = backhaul_tests::frontend(&url, "counted", &[], &[]).await;
+    half_close_then_reply(frontend.addr(), 6, UP, 5, DOWN).await;
+
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    let m = loop {
+        let (status, body) = get(addr, "/metrics", None).await;
+        assert_eq!(status, 200, "{body}");
+        let m = scrape(&body);
+        let ended = m
+            .get(r#"backhaul_agent_session_bytes_total{backend="counted",direction="to_backend"}"#)
+            .copied()
+            .unwrap_or(0.0);
+        if ended > 0.0 {
+            break m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session's end was not counted: {m:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        m[r#"backhaul_agent_links{backend="counted",transport="websocket"}"#],
+        1.0
+    );
+    assert_eq!(
+        m[r#"backhaul_agent_sessions_opened_total{backend="counted"}"#],
+        1.0
+    );
+    assert_eq!(m[r#"backhaul_agent_sessions_open{backend="counted"}"#], 0.0);
+    assert_eq!(
+        m[r#"backhaul_agent_session_bytes_total{backend="counted",direction="to_backend"}"#],
+        UP as f64
+    );
+    assert_eq!(
+        m[r#"backhaul_agent_session_bytes_total{backend="counted",direction="from_backend"}"#],
+        (DOWN + 64) as f64
+    );
+    assert_eq!(get(addr, "/other", None).await.0, 404);
+}

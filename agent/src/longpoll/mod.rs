@@ -80,7 +80,14 @@ impl Link {
                 let req = self.request(self.h1().get(url).timeout(hold + self.grace()));
                 let poll = self.poll_once(req, reorder, limit, tracker);
                 let started = Instant::now();
-                polls.push(async move { (poll.await, round, started) });
+                polls.push(async move {
+                    let outcome = poll.await;
+                    crate::metrics::metrics()
+                        .exchange_seconds
+                        .get_or_create(&crate::metrics::KindLabel { kind: "poll" })
+                        .observe(started.elapsed().as_secs_f64());
+                    (outcome, round, started)
+                });
             }
             let ((outcome, received), round, started) = tokio::select! {
                 Some(r) = polls.next() => r,
@@ -258,7 +265,15 @@ impl Link {
                 );
                 let push = self.push_once(req, end);
                 let id = plan.started(end, Instant::now());
-                pushes.push(async move { (push.await, id) });
+                let started = Instant::now();
+                pushes.push(async move {
+                    let outcome = push.await;
+                    crate::metrics::metrics()
+                        .exchange_seconds
+                        .get_or_create(&crate::metrics::KindLabel { kind: "push" })
+                        .observe(started.elapsed().as_secs_f64());
+                    (outcome, id)
+                });
             }
             let (outcome, id) = tokio::select! {
                 Some(o) = pushes.next() => o,

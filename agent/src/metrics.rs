@@ -1,0 +1,239 @@
+//! What the agent counts, served with `--metrics-listen ADDR` at `/metrics` (OpenMetrics text,
+//! written by prometheus-client). One set per process, whatever number of backends it serves;
+//! the `backend` label takes only the backend IDs of its own configuration.
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Scrapes served at once; more wait to be accepted.
+const MAX_SCRAPERS: usize = 16;
+/// How long a scraper may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkLabels {
+    pub backend: String,
+    pub transport: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub backend: String,
+    /// `to_backend` or `from_backend`.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabels {
+    pub backend: String,
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// The agent's counters.
+pub struct AgentMetrics {
+    registry: Registry,
+    pub links: Family<LinkLabels, Gauge>,
+    pub sessions_open: Family<BackendLabel, Gauge>,
+    pub sessions_opened: Family<BackendLabel, Counter>,
+    pub session_bytes: Family<BytesLabels, Counter>,
+    pub transport_changes: Family<ChangeLabels, Counter>,
+    pub registration_failures: Family<KindLabel, Counter>,
+    pub exchange_seconds: Family<KindLabel, Histogram>,
+}
+
+/// The process's counters.
+pub fn metrics() -> &'static AgentMetrics {
+    static METRICS: OnceLock<AgentMetrics> = OnceLock::new();
+    METRICS.get_or_init(AgentMetrics::new)
+}
+
+impl AgentMetrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("backhaul_agent");
+        let links = Family::<LinkLabels, Gauge>::default();
+        registry.register(
+            "links",
+            "Links to the relay up now, by backend and the transport carrying them",
+            links.clone(),
+        );
+        let sessions_open = Family::<BackendLabel, Gauge>::default();
+        registry.register(
+            "sessions_open",
+            "Sessions carried now",
+            sessions_open.clone(),
+        );
+        let sessions_opened = Family::<BackendLabel, Counter>::default();
+        registry.register(
+            "sessions_opened",
+            "Sessions the relay handed to this agent",
+            sessions_opened.clone(),
+        );
+        let session_bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "session_bytes",
+            "Payload bytes of ended sessions, by direction",
+            session_bytes.clone(),
+        );
+        let transport_changes = Family::<ChangeLabels, Counter>::default();
+        registry.register(
+            "transport_changes",
+            "Links that moved from one transport to another (fallbacks, and back to faster ones)",
+            transport_changes.clone(),
+        );
+        let registration_failures = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "registration_failures",
+            "Registrations that failed: lasting (fix the settings) or transient (retried soon)",
+            registration_failures.clone(),
+        );
+        let exchange_seconds = Family::<KindLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.001, 4.0, 10))) as fn() -> Histogram,
+        );
+        registry.register(
+            "longpoll_exchange_seconds",
+            "How long long-poll requests took (polls include the relay's hold)",
+            exchange_seconds.clone(),
+        );
+        Self {
+            registry,
+            links,
+            sessions_open,
+            sessions_opened,
+            session_bytes,
+            transport_changes,
+            registration_failures,
+            exchange_seconds,
+        }
+    }
+
+    /// Notes that `backend`'s link is now carried over `to` (and no longer over `from`).
+    pub fn transport(&self, backend: &str, from: Option<&str>, to: &str) {
+        if let Some(from) = from {
+            self.link(backend, from).set(0);
+            self.transport_changes
+                .get_or_create(&ChangeLabels {
+                    backend: backend.to_string(),
+                    from: from.to_string(),
+                    to: to.to_string(),
+                })
+                .inc();
+        }
+        self.link(backend, to).set(1);
+    }
+
+    /// Notes that `backend`'s link ended (it registers again, or stops).
+    pub fn link_ended(&self, backend: &str, transport: Option<&str>) {
+        if let Some(t) = transport {
+            self.link(backend, t).set(0);
+        }
+    }
+
+    fn link(&self, backend: &str, transport: &str) -> Gauge {
+        self.links
+            .get_or_create(&LinkLabels {
+                backend: backend.to_string(),
+                transport: transport.to_string(),
+            })
+            .clone()
+    }
+
+    /// Counts a session of `backend` as open until the returned guard drops.
+    pub fn session(&self, backend: &str) -> SessionCount {
+        let label = BackendLabel {
+            backend: backend.to_string(),
+        };
+        self.sessions_opened.get_or_create(&label).inc();
+        let open = self.sessions_open.get_or_create(&label).clone();
+        open.inc();
+        SessionCount(open)
+    }
+
+    /// Counts an ended session's bytes.
+    pub fn session_ended(&self, backend: &str, to_backend: u64, from_backend: u64) {
+        for (direction, n) in [("to_backend", to_backend), ("from_backend", from_backend)] {
+            self.session_bytes
+                .get_or_create(&BytesLabels {
+                    backend: backend.to_string(),
+                    direction,
+                })
+                .inc_by(n);
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Keeps a session counted as open.
+pub struct SessionCount(Gauge);
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some((stream, _)) = backhaul_common::listen::accept(&listener, &shutdown).await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let mut resp = Response::new(Full::new(bytes::Bytes::new()));
+                if req.method() == http::Method::GET && req.uri().path() == "/metrics" {
+                    *resp.body_mut() = Full::new(bytes::Bytes::from(metrics().encode()));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
+                    );
+                } else {
+                    *resp.status_mut() = StatusCode::NOT_FOUND;
+                    *resp.body_mut() = Full::new(bytes::Bytes::from_static(
+                        b"the agent serves only GET /metrics here\n",
+                    ));
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT * 3, conn).await;
+            drop(permit);
+        });
+    }
+}
