@@ -598,16 +598,7 @@ pub(crate) fn link_gone(resp: &reqwest::Response) -> bool {
 }
 
 /// Error text with its causes, which reqwest otherwise hides.
-pub fn describe(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
+pub use backhaul_common::describe_error as describe;
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,8 @@
 //! written by prometheus-client). One set per process, whatever number of backends it serves;
 //! the `backend` label takes only the backend IDs of its own configuration.
 
+use backhaul_common::metrics::{encode, exchanges, Exchanges};
+pub use backhaul_common::metrics::{BackendLabel, BytesLabels, KindLabel, LinkLabels};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -10,7 +12,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -23,33 +24,10 @@ const MAX_SCRAPERS: usize = 16;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BackendLabel {
-    pub backend: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LinkLabels {
-    pub backend: String,
-    pub transport: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BytesLabels {
-    pub backend: String,
-    /// `to_backend` or `from_backend`.
-    pub direction: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChangeLabels {
     pub backend: String,
     pub from: String,
     pub to: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
-    pub kind: &'static str,
 }
 
 /// The agent's counters.
@@ -61,7 +39,7 @@ pub struct AgentMetrics {
     pub session_bytes: Family<BytesLabels, Counter>,
     pub transport_changes: Family<ChangeLabels, Counter>,
     pub registration_failures: Family<KindLabel, Counter>,
-    pub exchange_seconds: Family<KindLabel, Histogram>,
+    pub exchange_seconds: Exchanges,
 }
 
 /// The process's counters.
@@ -109,9 +87,7 @@ impl AgentMetrics {
             "Registrations that failed: lasting (fix the settings) or transient (retried soon)",
             registration_failures.clone(),
         );
-        let exchange_seconds = Family::<KindLabel, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.001, 4.0, 10))) as fn() -> Histogram,
-        );
+        let exchange_seconds = exchanges();
         registry.register(
             "longpoll_exchange_seconds",
             "How long long-poll requests took (polls include the relay's hold)",
@@ -184,9 +160,7 @@ impl AgentMetrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        encode(&self.registry)
     }
 }
 

@@ -640,7 +640,7 @@ impl Poster<'_> {
                 Err(e) if e.is_timeout() => {
                     last = format!("no answer within {:?}", self.settings.post_timeout)
                 }
-                Err(e) => last = error_chain(&e),
+                Err(e) => last = backhaul_common::describe_error(&e),
             }
             debug!("POST to {url} failed (attempt {attempt} of {attempts}): {last}");
         }
@@ -648,18 +648,6 @@ impl Poster<'_> {
             "the application at {url} failed {attempts} times; last: {last}"
         ))
     }
-}
-
-/// An error with its causes, as one line.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 #[cfg(test)]

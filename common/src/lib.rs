@@ -38,6 +38,7 @@ pub mod config;
 pub mod dial;
 pub mod lazy_read;
 pub mod listen;
+pub mod metrics;
 pub mod refusal_log;
 pub mod reliable;
 pub mod runtime;
@@ -50,6 +51,19 @@ pub mod transport;
 pub mod window;
 pub mod wire;
 pub mod ws;
+
+/// An error with its causes, as one line (`error: cause: cause`): reqwest and hyper otherwise
+/// hide the part that says what went wrong.
+pub fn describe_error(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
 
 /// Exit code for a configuration the program refuses to start with (BSD `EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;

@@ -4,8 +4,9 @@
 use crate::auth::{Auth, Refusal};
 use crate::expose::ExposeError;
 use crate::hub::{Hub, HubError, Pushed, RelaySession, Transport};
-use crate::metrics::{ExchangeLabel, Refused};
+use crate::metrics::Refused;
 use backhaul_common::api::{self, Hello, OpenRequest, Opened, LINKS_PATH, PROTOCOL_VERSION};
+use backhaul_common::metrics::observe;
 use backhaul_common::secret::{self, SecretHash};
 use backhaul_common::session::{pump, FrameSink, WsSide};
 use backhaul_common::transport::ChunkSource;
@@ -366,10 +367,7 @@ async fn agent_api(
                 Ok(body) => batch(body),
                 Err(e) => link_error(hub, &link, e),
             };
-            hub.metrics
-                .exchange_seconds
-                .get_or_create(&ExchangeLabel { kind: "poll" })
-                .observe(started.elapsed().as_secs_f64());
+            observe(&hub.metrics.exchange_seconds, "poll", started.elapsed());
             answer
         }
         (Method::POST, id, "push") if !id.is_empty() => {
@@ -384,10 +382,7 @@ async fn agent_api(
                 Ok(body) => batch(body),
                 Err(e) => link_error(hub, &link, e),
             };
-            hub.metrics
-                .exchange_seconds
-                .get_or_create(&ExchangeLabel { kind: "push" })
-                .observe(started.elapsed().as_secs_f64());
+            observe(&hub.metrics.exchange_seconds, "push", started.elapsed());
             answer
         }
         (Method::GET, id, "ws") if !id.is_empty() => agent_websocket(&ctx, peer, req, id),

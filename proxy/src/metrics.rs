@@ -7,11 +7,12 @@
 //! create series by asking for made-up IDs); after [`MAX_BACKEND_SERIES`] distinct IDs, further
 //! ones are counted under `_other`. `reason` and `transport` come from fixed sets.
 
+use backhaul_common::metrics::{encode, exchanges, Exchanges};
+pub use backhaul_common::metrics::{BackendLabel, BytesLabels, LinkLabels};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -24,32 +25,8 @@ pub const MAX_BACKEND_SERIES: usize = 1000;
 pub const RECENT_REFUSALS: usize = 5;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BackendLabel {
-    pub backend: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LinkLabels {
-    pub backend: String,
-    pub transport: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BytesLabels {
-    pub backend: String,
-    /// `to_backend` (from clients) or `to_client`.
-    pub direction: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ExchangeLabel {
-    /// `poll` or `push` (long-poll requests).
-    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,7 +93,7 @@ pub struct Metrics {
     pub registrations: Family<BackendLabel, Counter>,
     pub refusals: Family<ReasonLabel, Counter>,
     pub transport_changes: Family<ChangeLabels, Counter>,
-    pub exchange_seconds: Family<ExchangeLabel, Histogram>,
+    pub exchange_seconds: Exchanges,
     pub frames_resent: Counter,
     pub window_stalls: Counter,
     backends: Mutex<HashSet<String>>,
@@ -182,9 +159,7 @@ impl Metrics {
             "Agent links that moved from one transport to another (fallbacks and upgrades)",
             transport_changes.clone(),
         );
-        let exchange_seconds = Family::<ExchangeLabel, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.001, 4.0, 10))) as fn() -> Histogram,
-        );
+        let exchange_seconds = exchanges();
         registry.register(
             "longpoll_exchange_seconds",
             "How long long-poll requests took to answer (polls include their hold)",
@@ -279,10 +254,7 @@ impl Metrics {
 
     /// Writes everything in the Prometheus/OpenMetrics text format.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        encode(&self.registry)
     }
 }
 

@@ -11,7 +11,9 @@ use crate::body;
 use crate::link::{
     cut_mid_way, describe, link_gone, lock, sleep_until_some, Link, Spell, LINK_GONE,
 };
+use crate::metrics::metrics;
 use crate::transport::{Ended, Transport};
+use backhaul_common::metrics::observe;
 use backhaul_common::reliable::{RecvState, Reorder};
 use backhaul_common::wire::{decode_batch, BatchReader};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -82,10 +84,7 @@ impl Link {
                 let started = Instant::now();
                 polls.push(async move {
                     let outcome = poll.await;
-                    crate::metrics::metrics()
-                        .exchange_seconds
-                        .get_or_create(&crate::metrics::KindLabel { kind: "poll" })
-                        .observe(started.elapsed().as_secs_f64());
+                    observe(&metrics().exchange_seconds, "poll", started.elapsed());
                     (outcome, round, started)
                 });
             }
@@ -268,10 +267,7 @@ impl Link {
                 let started = Instant::now();
                 pushes.push(async move {
                     let outcome = push.await;
-                    crate::metrics::metrics()
-                        .exchange_seconds
-                        .get_or_create(&crate::metrics::KindLabel { kind: "push" })
-                        .observe(started.elapsed().as_secs_f64());
+                    observe(&metrics().exchange_seconds, "push", started.elapsed());
                     (outcome, id)
                 });
             }
