@@ -42,6 +42,14 @@ impl BridgeApp {
         serde_json::from_str(&body).expect("events are JSON")
     }
 
+    /// Waits until the app has recorded an event of `kind` in `room`; returns all events.
+    pub async fn wait_for(&self, room: &str, kind: &str) -> Vec<Value> {
+        self.wait_events(&format!("a {kind} in {room}"), |e| {
+            !of(e, room, kind).is_empty()
+        })
+        .await
+    }
+
     /// Waits until the recorded events satisfy `done` (looking again every 20 ms, at most
     /// [`STEP_TIMEOUT`]); returns them.
     pub async fn wait_events(&self, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {

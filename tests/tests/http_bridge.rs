@@ -147,12 +147,7 @@ async fn websocat_messages_reach_the_app_in_order_and_callbacks_come_back() {
 
     // websocat closes when its input ends; the app hears of it, and the URL stops working.
     drop(stdin);
-    let events = b
-        .app
-        .wait_events("the disconnect", |e| {
-            !of(e, "echo", "disconnect").is_empty()
-        })
-        .await;
+    let events = b.app.wait_for("echo", "disconnect").await;
     let bye = of(&events, "echo", "disconnect")[0];
     assert_eq!(bye["callback"], callback.as_str());
     let (status, body) = post_callback(&callback, Some("text/plain"), b"late").await;
@@ -220,12 +215,7 @@ async fn binary_and_text_keep_their_type_order_and_bytes() {
         assert_eq!(f["sha256"], sha256_hex(data).as_str());
     }
     ws.close(1000, "done").await;
-    let events = b
-        .app
-        .wait_events("the disconnect", |e| {
-            !of(e, "echo", "disconnect").is_empty()
-        })
-        .await;
+    let events = b.app.wait_for("echo", "disconnect").await;
     let bye = of(&events, "echo", "disconnect")[0];
     assert_eq!(bye["close_code"], "1000", "{bye}");
     assert_eq!(
@@ -271,12 +261,7 @@ async fn a_callback_url_shared_with_another_party_reaches_its_client() {
 
     // B leaves: its callback stops working, A's goes on.
     bws.close(1001, "going away").await;
-    let events = b
-        .app
-        .wait_events("B's disconnect", |e| {
-            !of(e, "chat", "disconnect").is_empty()
-        })
-        .await;
+    let events = b.app.wait_for("chat", "disconnect").await;
     let bye = of(&events, "chat", "disconnect")[0];
     assert_eq!(bye["close_code"], "1001");
     let (b_addr, b_path) = callback_target(bye["callback"].as_str().unwrap());
@@ -374,12 +359,7 @@ async fn a_failing_app_gets_bounded_retries_then_the_session_closes_with_1014() 
     b.backend
         .wait_stderr("failed 3 times; last: answered 500")
         .await;
-    let events = b
-        .app
-        .wait_events("the broken session's disconnect", |e| {
-            !of(e, "broken", "disconnect").is_empty()
-        })
-        .await;
+    let events = b.app.wait_for("broken", "disconnect").await;
     assert_eq!(
         of(&events, "broken", "failed-try").len(),
         3,
@@ -591,12 +571,7 @@ async fn a_client_close_is_answered_while_a_post_is_in_flight() {
     let (status, _) = http(b.app.addr(), "POST", "/hold/release", &[], b"").await;
     assert_eq!(status, 204);
     // The message sent before the Close still reaches the app, then the disconnect.
-    let events = b
-        .app
-        .wait_events("the disconnect", |e| {
-            !of(e, "hold", "disconnect").is_empty()
-        })
-        .await;
+    let events = b.app.wait_for("hold", "disconnect").await;
     let kinds: Vec<_> = events
         .iter()
         .filter(|e| e["room"] == "hold")

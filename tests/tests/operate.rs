@@ -364,52 +364,62 @@ async fn agent_check_passes_when_it_can_register_and_says_why_when_not() {
     .await;
     let relay = format!("http://{}", stack.relay.addr());
     let backend = format!("ws://{}", stack.backend.addr());
-    let base = |relay: &str, backend: &str| {
-        vec![
+    // The agent's command line for `relay` and `backend`, with `token` as its token file.
+    let args = |relay: &str, backend: &str, token: Option<&Path>| {
+        let mut args = vec![
             s("--relay"),
             s(relay),
             s("--backend-id"),
             s("test"),
             s("--backend"),
             s(backend),
-        ]
+        ];
+        if let Some(t) = token {
+            args.extend([s("--agent-token-file"), s(t.display())]);
+        }
+        args
     };
-    let mut good = base(&relay, &backend);
-    good.extend([s("--agent-token-file"), s(token.display())]);
-    let (code, out) = agent_check(&good).await;
+    let (code, out) = agent_check(&args(&relay, &backend, Some(&token))).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("check passed"), "{out}");
     // The frontend's ws:// URL for the same relay works too.
-    let mut ws = base(&format!("ws://{}", stack.relay.addr()), &backend);
-    ws.extend([s("--agent-token-file"), s(token.display())]);
-    let (code, out) = agent_check(&ws).await;
+    let (code, out) = agent_check(&args(
+        &format!("ws://{}", stack.relay.addr()),
+        &backend,
+        Some(&token),
+    ))
+    .await;
     assert_eq!(code, Some(0), "{out}");
 
     // Wrong credential: the relay's 401, said as what to fix.
     let wrong = private_file("wrong.token", "not-the-agent-token-at-all-0123456");
-    let mut args = base(&relay, &backend);
-    args.extend([s("--agent-token-file"), s(wrong.display())]);
-    let (code, out) = agent_check(&args).await;
+    let (code, out) = agent_check(&args(&relay, &backend, Some(&wrong))).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("--agent-token-file"), "{out}");
 
     // Something that is not a relay (the Python app answers 404 with no body).
     let app = backhaul_tests::bridge_app::BridgeApp::start(None).await;
-    let (code, out) = agent_check(&base(&format!("http://{}", app.addr()), &backend)).await;
+    let (code, out) = agent_check(&args(&format!("http://{}", app.addr()), &backend, None)).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("not a backhaul relay"), "{out}");
 
     // https:// to the plain-HTTP relay.
-    let mut args = base(&format!("https://{}", stack.relay.addr()), &backend);
-    args.extend([s("--agent-token-file"), s(token.display())]);
-    let (code, out) = agent_check(&args).await;
+    let (code, out) = agent_check(&args(
+        &format!("https://{}", stack.relay.addr()),
+        &backend,
+        Some(&token),
+    ))
+    .await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("plain HTTP"), "{out}");
 
     // A backend nobody listens on.
-    let mut args = base(&relay, &format!("ws://{}", backhaul_tests::closed_port()));
-    args.extend([s("--agent-token-file"), s(token.display())]);
-    let (code, out) = agent_check(&args).await;
+    let (code, out) = agent_check(&args(
+        &relay,
+        &format!("ws://{}", backhaul_tests::closed_port()),
+        Some(&token),
+    ))
+    .await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("refuses connections"), "{out}");
 }
