@@ -374,6 +374,9 @@ impl Link {
     /// Hands one in-order frame from the relay to its session, or opens a session.
     fn dispatch(self: &Arc<Self>, frame: Frame, tracker: &TaskTracker) {
         let id = frame.session;
+        if frame.is_blocked() {
+            crate::metrics::metrics().window_stalls.inc();
+        }
         if frame.kind == Kind::Open {
             self.open(id, frame.payload, tracker);
             return;

@@ -40,6 +40,8 @@ pub struct AgentMetrics {
     pub transport_changes: Family<ChangeLabels, Counter>,
     pub registration_failures: Family<KindLabel, Counter>,
     pub exchange_seconds: Exchanges,
+    pub frames_resent: Counter,
+    pub window_stalls: Counter,
 }
 
 /// The process's counters.
@@ -93,6 +95,18 @@ impl AgentMetrics {
             "How long long-poll requests took (polls include the relay's hold)",
             exchange_seconds.clone(),
         );
+        let frames_resent = Counter::default();
+        registry.register(
+            "frames_resent",
+            "Frames sent to the relay again, after a lost push or a broken stream",
+            frames_resent.clone(),
+        );
+        let window_stalls = Counter::default();
+        registry.register(
+            "window_stalls",
+            "Frames from the relay whose sender said it was held back by the session's window",
+            window_stalls.clone(),
+        );
         Self {
             registry,
             links,
@@ -102,6 +116,8 @@ impl AgentMetrics {
             transport_changes,
             registration_failures,
             exchange_seconds,
+            frames_resent,
+            window_stalls,
         }
     }
 

@@ -6,6 +6,7 @@
 use crate::body;
 use crate::link::{describe, link_gone, lock, Link, RelayStream, Spell, LINK_GONE};
 use crate::longpoll::MIN_PUSH_BATCH;
+use crate::metrics::metrics;
 use crate::transport::{Ended, Transport};
 use backhaul_common::dial::{bearer_headers, dial, DialOptions, Dialed};
 use backhaul_common::reliable::{RecvState, StreamCursor};
@@ -178,7 +179,10 @@ impl Link {
             let woken = || self.out_notify.notified();
             write_batches(&mut tx, hold, false, woken, |force| {
                 let ack = self.down_ack.load(Ordering::Acquire);
-                let next = cursor.next_batch(&lock(&self.out), ack, force);
+                let mut out = lock(&self.out);
+                let next = cursor.next_batch(&mut out, ack, force);
+                metrics().frames_resent.inc_by(out.take_resent());
+                drop(out);
                 self.up_batch.store(cursor.limit(), Ordering::Relaxed);
                 Ok(next)
             })

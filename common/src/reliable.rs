@@ -17,6 +17,11 @@ pub struct SendBuffer {
     base: u64,
     frames: VecDeque<Frame>,
     bytes: usize,
+    /// One past the furthest frame ever put in a batch. Senders go forward from the peer's ack,
+    /// so a frame below it goes out again only as a retransmission.
+    sent: u64,
+    /// Frames put in a batch again since [`SendBuffer::take_resent`] last asked.
+    resent: u64,
 }
 
 /// The peer acknowledged frames that were never sent: it is confused or malicious.
@@ -88,8 +93,9 @@ impl SendBuffer {
     /// Encodes a batch: the header (carrying `peer_ack` for the other direction) and the frames
     /// from `from` on, up to about `max_bytes` (at least one frame when there is one). Returns it
     /// with the number of frames in it. `from` below the buffer's base starts at the base. Only
-    /// headers and small payloads are copied (see [`Batch`]).
-    pub fn encode_batch(&self, from: u64, peer_ack: u64, max_bytes: usize) -> (Batch, usize) {
+    /// headers and small payloads are copied (see [`Batch`]). Frames that were in an earlier
+    /// batch count as retransmitted (see [`SendBuffer::take_resent`]).
+    pub fn encode_batch(&mut self, from: u64, peer_ack: u64, max_bytes: usize) -> (Batch, usize) {
         let from = from.max(self.base);
         let mut out = BatchEncoder::new(BatchHeader {
             ack: peer_ack,
@@ -106,7 +112,16 @@ impl SendBuffer {
             out.push(f);
             written += 1;
         }
+        let end = from + written as u64;
+        self.resent += end.min(self.sent).saturating_sub(from);
+        self.sent = self.sent.max(end);
         (out.finish(), written)
+    }
+
+    /// How many frames went out again (after a lost exchange or a broken stream) since the
+    /// last call: what the metrics call retransmissions.
+    pub fn take_resent(&mut self) -> u64 {
+        std::mem::take(&mut self.resent)
     }
 }
 
@@ -158,7 +173,7 @@ impl StreamCursor {
 
     /// The next batch from `buf`, carrying `ack`. With `force`, a batch goes even when it
     /// carries nothing new (a heartbeat, or an ack that waited long enough).
-    pub fn next_batch(&mut self, buf: &SendBuffer, ack: u64, force: bool) -> StreamNext {
+    pub fn next_batch(&mut self, buf: &mut SendBuffer, ack: u64, force: bool) -> StreamNext {
         if buf.base() > self.seen_base {
             self.seen_base = buf.base();
             self.limit = (self.limit * 2).min(self.max);
@@ -344,33 +359,43 @@ mod tests {
             s.push(data(i));
         }
         let mut c = StreamCursor::new(0, 45, 1000);
-        let StreamNext::Batch(b) = c.next_batch(&s, 7, false) else {
+        let StreamNext::Batch(b) = c.next_batch(&mut s, 7, false) else {
             panic!("expected a batch")
         };
         let (h, frames) = decode_batch(&b.clone().into_bytes()).unwrap();
         assert_eq!((h.ack, h.first_seq, frames.len()), (7, 0, 2));
-        let StreamNext::Batch(b) = c.next_batch(&s, 7, false) else {
+        let StreamNext::Batch(b) = c.next_batch(&mut s, 7, false) else {
             panic!("expected a batch")
         };
         assert_eq!(decode_batch(&b.clone().into_bytes()).unwrap().1.len(), 2);
-        assert!(matches!(c.next_batch(&s, 7, false), StreamNext::Idle));
-        assert!(matches!(c.next_batch(&s, 8, false), StreamNext::AckDue));
-        let StreamNext::Batch(b) = c.next_batch(&s, 8, true) else {
+        assert!(matches!(c.next_batch(&mut s, 7, false), StreamNext::Idle));
+        assert!(matches!(c.next_batch(&mut s, 8, false), StreamNext::AckDue));
+        let StreamNext::Batch(b) = c.next_batch(&mut s, 8, true) else {
             panic!("expected a heartbeat")
         };
         let (h, frames) = decode_batch(&b.clone().into_bytes()).unwrap();
         assert_eq!((h.ack, h.first_seq, frames.len()), (8, 4, 0));
         // The peer's ack grows the batch limit.
         s.ack(1).unwrap();
-        assert!(matches!(c.next_batch(&s, 8, false), StreamNext::Idle));
+        assert!(matches!(c.next_batch(&mut s, 8, false), StreamNext::Idle));
         assert_eq!(c.limit(), 90);
         // A new connection after the peer acknowledged 1: frames 1.. go again.
         let mut c = StreamCursor::new(1, 1000, 1000);
-        let StreamNext::Batch(b) = c.next_batch(&s, 8, false) else {
+        let StreamNext::Batch(b) = c.next_batch(&mut s, 8, false) else {
             panic!("expected a batch")
         };
         let (h, frames) = decode_batch(&b.clone().into_bytes()).unwrap();
         assert_eq!((h.first_seq, frames.len()), (1, 3));
+        // Those three went out before: they count as retransmitted, once.
+        assert_eq!(s.take_resent(), 3);
+        assert_eq!(s.take_resent(), 0);
+        // A new frame is not a retransmission.
+        s.push(data(4));
+        assert!(matches!(
+            c.next_batch(&mut s, 8, false),
+            StreamNext::Batch(_)
+        ));
+        assert_eq!(s.take_resent(), 0);
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! - an exchange of batches, cut anywhere and retransmitted from any point the sender accepts,
 //!   delivers every pushed frame to the receiver exactly once and in order;
 //! - `StreamCursor` sends each frame once per cursor, in order, and its limit stays within
-//!   the maximum.
+//!   the maximum;
+//! - `take_resent` counts exactly the frames that were in an earlier batch.
 #![no_main]
 
 use backhaul_common::reliable::{
@@ -25,6 +26,14 @@ use backhaul_common::wire::{decode_batch, Frame, BATCH_HEADER_LEN};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use std::collections::VecDeque;
+
+/// After a batch of `n` frames from `start`: the ones below `sent_to` were sent before.
+fn resent_check(sender: &mut SendBuffer, sent_to: &mut u64, start: u64, n: usize) {
+    let end = start + n as u64;
+    let again = end.min(*sent_to).saturating_sub(start);
+    assert_eq!(sender.take_resent(), again, "retransmissions miscounted");
+    *sent_to = (*sent_to).max(end);
+}
 
 struct Input<'a>(&'a [u8]);
 
@@ -69,6 +78,8 @@ fuzz_target!(|data: &[u8]| {
     let mut base = 0u64;
     let mut receiver = RecvState::new();
     let mut delivered = 0u64;
+    // One past the furthest frame batched so far.
+    let mut sent_to = 0u64;
     let mut cursor: Option<(StreamCursor, u64, usize)> = None;
 
     while let Some(op) = input.u8() {
@@ -133,6 +144,7 @@ fuzz_target!(|data: &[u8]| {
                 let start = from.max(base);
                 assert_eq!((h.ack, h.first_seq), (peer_ack, start));
                 assert_eq!(frames.len(), n);
+                resent_check(&mut sender, &mut sent_to, start, n);
                 let avail = (base + held.len() as u64).saturating_sub(start);
                 assert!(n as u64 <= avail);
                 assert_eq!(n == 0, avail == 0, "no frame sent while {avail} were due");
@@ -182,12 +194,13 @@ fuzz_target!(|data: &[u8]| {
                 let Some((c, next, max)) = cursor.as_mut() else {
                     continue;
                 };
-                match c.next_batch(&sender, receiver.ack(), force) {
+                match c.next_batch(&mut sender, receiver.ack(), force) {
                     StreamNext::Batch(b) => {
                         let (h, frames) =
                             decode_batch(&b.into_bytes()).expect("cursor wrote a bad batch");
                         assert_eq!(h.ack, receiver.ack());
                         assert_eq!(h.first_seq, (*next).max(base));
+                        resent_check(&mut sender, &mut sent_to, h.first_seq, frames.len());
                         *next = h.first_seq + frames.len() as u64;
                         for (seq, f) in frames {
                             if receiver.arrive(seq) == Ok(Arrival::Deliver) {

@@ -705,8 +705,6 @@ impl Hub {
                 return Ok(self.empty_batch(&st));
             }
             if round > st.poll_round {
-                let resent = st.poll_next.saturating_sub(st.send.base());
-                self.metrics.frames_resent.inc_by(resent);
                 st.poll_round = round;
                 st.generation += 1;
                 st.poll_next = st.send.base();
@@ -738,9 +736,9 @@ impl Hub {
                 // (once) for the rest of the burst to ride along.
                 let last_held = st.polls_held <= 1;
                 if st.send.has_from(from) && (lingered || !last_held) {
-                    let (batch, n) =
-                        st.send
-                            .encode_batch(from, st.recv.ack(), self.cfg.max_batch_bytes);
+                    let ack = st.recv.ack();
+                    let (batch, n) = st.send.encode_batch(from, ack, self.cfg.max_batch_bytes);
+                    self.metrics.frames_resent.inc_by(st.send.take_resent());
                     st.poll_next = from + n as u64;
                     return Ok(batch);
                 }
@@ -792,7 +790,7 @@ impl Hub {
         cursor: &mut StreamCursor,
         force: bool,
     ) -> Result<Option<StreamNext>, HubError> {
-        let st = lock(&link.state);
+        let mut st = lock(&link.state);
         if st.dead {
             return Err(HubError::UnknownLink(link.short_id().to_string()));
         }
@@ -800,7 +798,9 @@ impl Hub {
             return Ok(None);
         }
         let ack = st.recv.ack();
-        Ok(Some(cursor.next_batch(&st.send, ack, force)))
+        let next = cursor.next_batch(&mut st.send, ack, force);
+        self.metrics.frames_resent.inc_by(st.send.take_resent());
+        Ok(Some(next))
     }
 
     /// Delivers the whole frames that have arrived so far in a push body. Called as body chunks

@@ -168,7 +168,7 @@ impl Metrics {
         let frames_resent = Counter::default();
         registry.register(
             "frames_resent",
-            "Frames handed to long-polls again after the agent lost a poll",
+            "Frames sent to agents again, after a lost poll or a broken stream",
             frames_resent.clone(),
         );
         let window_stalls = Counter::default();

@@ -24,6 +24,7 @@ pub mod data;
 pub mod fault;
 pub mod forward_proxy;
 pub mod google_tcpbridge;
+pub mod metrics;
 pub mod rawws;
 pub mod services;
 pub mod sshd;
@@ -108,6 +109,8 @@ pub struct Program {
     child: Child,
     stderr_path: PathBuf,
     lines: mpsc::UnboundedReceiver<String>,
+    /// The stdout lines [`Program::wait_line`] has read so far.
+    read: Vec<String>,
     /// The address from its `listening on` line, if it printed one.
     pub addr: Option<SocketAddr>,
 }
@@ -136,6 +139,7 @@ impl Program {
             child,
             stderr_path,
             lines,
+            read: Vec::new(),
             addr: None,
         }
     }
@@ -164,6 +168,7 @@ impl Program {
             child,
             stderr_path,
             lines,
+            read: Vec::new(),
             addr: None,
         };
         (program, stdin, stdout)
@@ -252,8 +257,12 @@ impl Program {
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         loop {
             match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) if line.contains(needle) => return line,
-                Ok(Some(_)) => continue,
+                Ok(Some(line)) => {
+                    self.read.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
                 Ok(None) => panic!(
                     "{} exited before printing {needle:?}; stderr:\n{}",
                     self.name,
@@ -265,6 +274,15 @@ impl Program {
                     self.stderr()
                 ),
             }
+        }
+    }
+
+    /// The first stdout line with `needle`, whether [`Program::wait_line`] read past it before
+    /// or it is still to come.
+    pub async fn said(&mut self, needle: &str) -> String {
+        match self.read.iter().find(|l| l.contains(needle)) {
+            Some(line) => line.clone(),
+            None => self.wait_line(needle).await,
         }
     }
 

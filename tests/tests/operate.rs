@@ -2,43 +2,17 @@
 //! its `/status` page (rendered by headless Chromium, as a browser shows it), `/readyz`, and
 //! the admin credential in front of them.
 
-use backhaul_tests::bridge_app::http;
 use backhaul_tests::checks::{
     echo_transfer, half_close_then_reply, private_file, refuses_to_start,
 };
+use backhaul_tests::metrics::{get, scrape};
 use backhaul_tests::rawws::RawWs;
 use backhaul_tests::{s, services, Stack, StackOptions, STEP_TIMEOUT};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ADMIN: &str = "admin-token-for-the-tests-0123456789";
-
-/// The samples of a scrape: `name{labels}` (labels sorted) to value.
-fn scrape(text: &str) -> HashMap<String, f64> {
-    let lines = text.lines().map(|l| Ok(l.to_string()));
-    let parsed = prometheus_parse::Scrape::parse(lines).expect("the Prometheus parser reads it");
-    parsed
-        .samples
-        .into_iter()
-        .filter_map(|s| {
-            let value = match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => return None,
-            };
-            let mut labels: Vec<String> = s
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{v}\""))
-                .collect();
-            labels.sort();
-            Some((format!("{}{{{}}}", s.metric, labels.join(",")), value))
-        })
-        .collect()
-}
 
 /// A WebSocket for a backend no agent serves: refused with 503.
 async fn refused_for_no_agent(relay: SocketAddr, path: &str) {
@@ -47,15 +21,6 @@ async fn refused_for_no_agent(relay: SocketAddr, path: &str) {
         .err()
         .expect("refused");
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
-}
-
-async fn get(relay: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let headers: Vec<(&str, &str)> = auth
-        .as_deref()
-        .map(|a| vec![("authorization", a)])
-        .unwrap_or_default();
-    http(relay, "GET", path, &headers, b"").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,13 +493,7 @@ async fn the_agent_serves_its_own_metrics_on_request() {
         ],
         &[],
     );
-    let line = agent.wait_line("metrics at http://").await;
-    let addr: SocketAddr = line
-        .trim_end_matches("/metrics")
-        .rsplit("http://")
-        .next()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let addr = backhaul_tests::metrics::agent_addr(&mut agent).await;
     agent.wait_line("for backend counted").await;
     let frontend = backhaul_tests::frontend(&url, "counted", &[], &[]).await;
     half_close_then_reply(frontend.addr(), 6, UP, 5, DOWN).await;

@@ -4,10 +4,12 @@ use backhaul_tests::certs::{test_certs, TestCerts};
 use backhaul_tests::checks::{echo_transfer, expect_closed_promptly, half_close_then_reply, step};
 use backhaul_tests::fault::FaultInjector;
 use backhaul_tests::forward_proxy::ForwardProxy;
+use backhaul_tests::metrics;
 use backhaul_tests::{
     agent, backend, closed_port, data, frontend, relay, s, services, Stack, StackOptions,
 };
 use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -223,11 +225,12 @@ struct CutStack {
     injector: FaultInjector,
     agent: backhaul_tests::Program,
     frontend: backhaul_tests::Program,
+    relay_addr: SocketAddr,
     _others: Vec<backhaul_tests::Program>,
 }
 
 async fn cut_stack(agent_args: &[String]) -> CutStack {
-    let relay = relay(&[], &[]).await;
+    let relay = relay(&[s("--admin-loopback")], &[]).await;
     let injector = FaultInjector::start(relay.addr(), 32 * 1024, 256 * 1024).await;
     faulty_stack(relay, injector, agent_args).await
 }
@@ -240,11 +243,13 @@ async fn faulty_stack(
 ) -> CutStack {
     let echo = services::echo().await;
     let backend = backend(echo, &[]).await;
+    let mut args = agent_args.to_vec();
+    args.extend([s("--metrics-listen"), s("127.0.0.1:0")]);
     let agent = agent(
         &format!("http://{}", injector.addr),
         "cut",
         &format!("ws://{}", backend.addr()),
-        agent_args,
+        &args,
         &[],
     )
     .await;
@@ -253,6 +258,7 @@ async fn faulty_stack(
         injector,
         agent,
         frontend,
+        relay_addr: relay.addr(),
         _others: vec![relay, backend],
     }
 }
@@ -260,7 +266,9 @@ async fn faulty_stack(
 impl CutStack {
     /// Once the agent says it is on `transport` (forced), `len` bytes of stream `seed` must echo
     /// intact through the injector, which must have `struck` (cut or stalled) at least
-    /// `min_struck` connections meanwhile, or the test proved nothing.
+    /// `min_struck` connections meanwhile, or the test proved nothing. What the faults cost
+    /// shows in the metrics as retransmissions: returns the frames the agent and the relay
+    /// (with `--admin-loopback`) sent again.
     async fn echoes_through_faults(
         mut self,
         transport: &str,
@@ -268,7 +276,7 @@ impl CutStack {
         len: u64,
         min_struck: u64,
         struck: &str,
-    ) {
+    ) -> (f64, f64) {
         self.agent
             .wait_line(&format!("carried over {transport} (forced"))
             .await;
@@ -279,15 +287,34 @@ impl CutStack {
             "the injector {struck} only {hit} of {all} connections; the test proved nothing"
         );
         eprintln!("{transport}: the injector {struck} {hit} of {all} connections");
+        let at = metrics::agent_addr(&mut self.agent).await;
+        let agent_counts = metrics::read(at, None).await;
+        // Sessions waited on their windows while their link was down.
+        assert!(
+            agent_counts["backhaul_agent_window_stalls_total{}"] > 0.0,
+            "{agent_counts:?}"
+        );
+        let agent = agent_counts["backhaul_agent_frames_resent_total{}"];
+        let relay =
+            metrics::read(self.relay_addr, None).await["backhaul_relay_frames_resent_total{}"];
+        eprintln!("{transport}: frames sent again: {agent} by the agent, {relay} by the relay");
+        assert!(
+            agent + relay > 0.0,
+            "connections {struck} mid-way, yet nothing was sent again: are retransmissions counted?"
+        );
+        (agent, relay)
     }
 }
 
 /// The agent on `transport` behind the injector: 64 MiB must still echo intact.
+/// Both ways carry 64 MiB, so every cut catches frames in flight each way, and both sides
+/// count what they sent again.
 async fn cut_connections_lose_nothing(transport: &str) {
-    cut_stack(&[s("--transport"), s(transport)])
+    let (agent, relay) = cut_stack(&[s("--transport"), s(transport)])
         .await
         .echoes_through_faults(transport, 99, 64 * MIB, 11, "cut")
         .await;
+    assert!(agent > 0.0 && relay > 0.0, "agent {agent}, relay {relay}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,7 +338,13 @@ async fn cut_connections_lose_nothing_http2() {
 /// session is lost.
 async fn stalled_connections_lose_nothing(transport: &str) {
     let relay = relay(
-        &[s("--poll-hold-secs"), s(1), s("--agent-timeout-secs"), s(2)],
+        &[
+            s("--poll-hold-secs"),
+            s(1),
+            s("--agent-timeout-secs"),
+            s(2),
+            s("--admin-loopback"),
+        ],
         &[],
     )
     .await;

@@ -242,7 +242,7 @@ impl Link {
             while plan.may_start() {
                 let (from, limit) = plan.next_range();
                 let (body, end) = {
-                    let out = lock(&self.out);
+                    let mut out = lock(&self.out);
                     let from = from.max(out.base());
                     if !out.has_from(from) {
                         break;
@@ -250,6 +250,7 @@ impl Link {
                     // A push body is one buffer: a proxy may need its length up front.
                     let (batch, n) =
                         out.encode_batch(from, self.down_ack.load(Ordering::Acquire), limit);
+                    metrics().frames_resent.inc_by(out.take_resent());
                     (batch.into_bytes(), from + n as u64)
                 };
                 let req = self.request(
