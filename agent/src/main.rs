@@ -109,8 +109,7 @@ struct Args {
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
-    eprintln!("backhaul-agent: {msg}");
-    std::process::exit(backhaul_common::EXIT_CONFIG);
+    backhaul_common::runtime::fail("backhaul-agent", msg)
 }
 
 /// The secret of `--<flag>` or `--<flag>-file`, if given; exits when it is empty, given twice,
@@ -192,11 +191,9 @@ fn reload_services(path: &std::path::Path, fixed: &[Service]) -> Result<Vec<Serv
     use clap::CommandFactory;
     let values = backhaul_common::config::read_file(&Args::command(), path)?;
     let mut services = fixed.to_vec();
-    for (id, list) in values {
-        if id == "serve" {
-            for entry in list {
-                services.push(parse_serve(&entry)?);
-            }
+    for value in values.into_iter().filter(|v| v.id == "serve") {
+        for entry in &value.values {
+            services.push(parse_serve(entry).map_err(|e| format!("{}: serve: {e}", value.at))?);
         }
     }
     distinct(&services)?;

@@ -103,8 +103,7 @@ struct Args {
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
-    eprintln!("backhaul-backend: {msg}");
-    std::process::exit(backhaul_common::EXIT_CONFIG);
+    backhaul_common::runtime::fail("backhaul-backend", msg)
 }
 
 fn main() {

@@ -19,8 +19,60 @@ pub fn env_prefix(program: &str) -> String {
     format!("BACKHAUL_{}_", short.to_ascii_uppercase().replace('-', "_"))
 }
 
-/// Settings from a file, ready to become defaults: (arg id, values).
-type FileValues = Vec<(String, Vec<String>)>;
+/// One setting read from a file.
+#[derive(Debug)]
+pub struct FileValue {
+    /// The clap id of its flag.
+    pub id: String,
+    /// Where it is: `path:line`.
+    pub at: String,
+    pub values: Vec<String>,
+}
+
+/// Where each setting that did not come from the command line came from: (long flag name,
+/// `path:line` or `environment variable NAME`), set once by [`prepare`].
+static ORIGINS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn note_origin(long: &str, origin: String) {
+    let mut origins = ORIGINS.lock().unwrap_or_else(|p| p.into_inner());
+    origins.retain(|(l, _)| l != long);
+    origins.push((long.to_string(), origin));
+}
+
+/// `msg` with where its `--flags` were set, when that was not the command line: a setting
+/// checked after parsing (two that exclude each other, a path that does not exist) then names
+/// the file line or the variable to change.
+pub fn annotate(msg: &str) -> String {
+    annotate_with(msg, &ORIGINS.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+fn annotate_with(msg: &str, origins: &[(String, String)]) -> String {
+    // In the order the message names them.
+    let mut named: Vec<(usize, String)> = origins
+        .iter()
+        .filter_map(|(long, origin)| {
+            Some((mentioned_at(msg, long)?, format!("--{long} from {origin}")))
+        })
+        .collect();
+    named.sort();
+    let named: Vec<String> = named.into_iter().map(|(_, n)| n).collect();
+    if named.is_empty() {
+        msg.to_string()
+    } else {
+        format!("{msg} [{}]", named.join("; "))
+    }
+}
+
+/// Where `msg` first names `--long` as a whole word (not `--long-file`).
+fn mentioned_at(msg: &str, long: &str) -> Option<usize> {
+    let flag = format!("--{long}");
+    msg.match_indices(&flag).map(|(i, _)| i).find(|&i| {
+        msg[i + flag.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+    })
+}
 
 /// Builds `cmd` for `program` from `argv`: program-specific environment names, then the shared
 /// names and the file's values beneath them. Errors are one line for the operator.
@@ -41,12 +93,32 @@ pub fn prepare(program: &str, cmd: Command, argv: &[OsString]) -> Result<Command
         })
         .collect();
     let unset = |name: &str| std::env::var_os(name).is_none();
+    let long_of = |id: &str| {
+        cmd.get_arguments()
+            .find(|a| a.get_id() == id)
+            .and_then(|a| a.get_long())
+            .map(str::to_string)
+    };
+    let on_command_line = |long: &str| {
+        argv.iter().skip(1).any(|a| {
+            let a = a.to_string_lossy();
+            a == format!("--{long}") || a.starts_with(&format!("--{long}="))
+        })
+    };
     // The shared names of earlier versions, beneath the program's own (not the file's name:
     // one exported file name would send every program to the same file).
     for (id, new, old) in &names {
-        if unset(new) && id != "config" {
+        let long = long_of(id).filter(|l| !on_command_line(l));
+        if !unset(new) {
+            if let Some(long) = &long {
+                note_origin(long, format!("environment variable {new}"));
+            }
+        } else if id != "config" {
             if let Some(v) = std::env::var_os(old) {
                 std::env::set_var(new, v);
+                if let Some(long) = &long {
+                    note_origin(long, format!("environment variable {old}"));
+                }
             }
         }
     }
@@ -58,20 +130,30 @@ pub fn prepare(program: &str, cmd: Command, argv: &[OsString]) -> Result<Command
         .skip(1)
         .any(|a| matches!(a.to_str(), Some("--help" | "-h" | "--version" | "-V")));
     if let Some(path) = config_path(argv, &prefix).filter(|_| !asks_help) {
-        for (id, values) in read_file(&cmd, &path)? {
+        for FileValue { id, at, values } in read_file(&cmd, &path)? {
             let var = names.iter().find(|(i, _, _)| *i == id).map(|(_, n, _)| n);
             let arg = cmd.get_arguments().find(|a| a.get_id() == id.as_str());
             let delimiter = arg.and_then(|a| a.get_value_delimiter());
-            match var {
+            let long = long_of(&id).filter(|l| !on_command_line(l));
+            let taken = match var {
                 // An empty list sets nothing (the variable would read as one empty value).
-                Some(_) if values.is_empty() => {}
+                Some(_) if values.is_empty() => false,
                 Some(var) if values.len() == 1 || delimiter.is_some() => {
-                    if unset(var) {
+                    let free = unset(var);
+                    if free {
                         let joined = values.join(&delimiter.unwrap_or(',').to_string());
                         std::env::set_var(var, joined);
                     }
+                    free
                 }
-                _ => defaults.push((id, values)),
+                // A list clap reads as defaults: the environment still comes first.
+                _ => {
+                    defaults.push((id, values));
+                    var.is_none_or(|v| unset(v))
+                }
+            };
+            if let (true, Some(long)) = (taken, long) {
+                note_origin(&long, at);
             }
         }
     }
@@ -124,7 +206,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// Reads and checks a config file against `cmd`'s flags.
-pub fn read_file(cmd: &Command, path: &Path) -> Result<FileValues, String> {
+pub fn read_file(cmd: &Command, path: &Path) -> Result<Vec<FileValue>, String> {
     let shown = path.display();
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("could not read the config file {shown}: {e}"))?;
@@ -215,7 +297,11 @@ pub fn read_file(cmd: &Command, path: &Path) -> Result<FileValues, String> {
                     at(first.trim_start_matches("error: ").to_string())
                 })?;
         }
-        out.push((arg.get_id().to_string(), values));
+        out.push(FileValue {
+            id: arg.get_id().to_string(),
+            at: format!("{shown}:{line}"),
+            values,
+        });
     }
     Ok(out)
 }
@@ -442,6 +528,32 @@ mod tests {
             .collect();
         let p = file("example.toml", &uncommented);
         read_file(&Args::command(), &p).unwrap();
+    }
+
+    #[test]
+    fn errors_name_where_their_settings_came_from() {
+        let origins = [
+            (
+                "admin-token-file".to_string(),
+                "environment variable BACKHAUL_RELAY_ADMIN_TOKEN_FILE".to_string(),
+            ),
+            ("admin-token".to_string(), "relay.toml:4".to_string()),
+            ("listen".to_string(), "relay.toml:1".to_string()),
+        ];
+        assert_eq!(
+            annotate_with("--admin-token and --admin-token-file both given; use one", &origins),
+            "--admin-token and --admin-token-file both given; use one [--admin-token from relay.toml:4; --admin-token-file from environment variable BACKHAUL_RELAY_ADMIN_TOKEN_FILE]"
+        );
+        // A longer flag's name does not count as the shorter one's.
+        assert_eq!(
+            annotate_with("--admin-token-file: no such file", &origins),
+            "--admin-token-file: no such file [--admin-token-file from environment variable BACKHAUL_RELAY_ADMIN_TOKEN_FILE]"
+        );
+        assert_eq!(
+            annotate_with("'--listen <ADDR>' is wrong", &origins),
+            "'--listen <ADDR>' is wrong [--listen from relay.toml:1]"
+        );
+        assert_eq!(annotate_with("nothing named", &origins), "nothing named");
     }
 
     #[test]

@@ -67,10 +67,7 @@ pub fn parse_args<T: clap::Parser>(program: &str) -> T {
         print!("{}", crate::config::example(program, &T::command()));
         std::process::exit(0);
     }
-    let usage = |msg: String| -> ! {
-        eprintln!("{program}: {msg}");
-        std::process::exit(crate::EXIT_CONFIG);
-    };
+    let usage = |msg: String| -> ! { fail(program, msg) };
     let cmd = crate::config::prepare(program, T::command(), &argv).unwrap_or_else(|e| usage(e));
     match cmd.try_get_matches_from(argv) {
         Ok(m) => {
@@ -89,6 +86,16 @@ pub fn parse_args<T: clap::Parser>(program: &str) -> T {
             usage(one_line(&e.render().to_string()))
         }
     }
+}
+
+/// Ends the program over a configuration error: one line on stderr, naming where the settings
+/// it mentions came from when that was a file or the environment, and exit code 64.
+pub fn fail(program: &str, msg: impl std::fmt::Display) -> ! {
+    eprintln!(
+        "{program}: {}",
+        crate::config::annotate(&format!("{msg:#}"))
+    );
+    std::process::exit(crate::EXIT_CONFIG);
 }
 
 /// clap's error text as one line: the error, then its tip, then where to look.

@@ -69,8 +69,7 @@ enum WireArg {
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
-    eprintln!("backhaul-frontend: {msg}");
-    std::process::exit(backhaul_common::EXIT_CONFIG);
+    backhaul_common::runtime::fail("backhaul-frontend", msg)
 }
 
 /// The secret of `--<flag>` or `--<flag>-file`, if given; exits when it is empty, given twice,

@@ -129,8 +129,7 @@ struct Args {
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
-    eprintln!("backhaul-relay: {msg:#}");
-    std::process::exit(backhaul_common::EXIT_CONFIG);
+    backhaul_common::runtime::fail("backhaul-relay", msg)
 }
 
 #[derive(Debug, Subcommand)]

@@ -453,6 +453,25 @@ async fn a_config_file_sets_what_flags_and_environment_do_not() {
         err.contains("relay.toml:1: max-sessions: invalid value 'lots'"),
         "{err}"
     );
+    // Settings judged together after parsing name where each came from.
+    std::fs::write(
+        &path,
+        format!("listen = \"127.0.0.1:0\"\n\nadmin-token = \"{ADMIN}\"\n"),
+    )
+    .unwrap();
+    let err = refuses_to_start(
+        "backhaul-relay",
+        &[s("--config"), s(path.display())],
+        &[(s("BACKHAUL_ADMIN_TOKEN_FILE"), s(token.display()))],
+    )
+    .await;
+    assert!(
+        err.contains(&format!(
+            "[--admin-token from {}:3; --admin-token-file from environment variable BACKHAUL_ADMIN_TOKEN_FILE]",
+            path.display()
+        )),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
