@@ -34,8 +34,78 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 pub enum Mode {
     /// Connects it to the TCP service at `host:port`.
     Tcp { target: String },
+    /// Connects it to the TCP service its path names (`--route PATH=HOST:PORT`).
+    Routes(Routes),
     /// POSTs its messages to the application URLs it names (`--http-bridge`).
     HttpBridge(http_bridge::Settings),
+}
+
+/// TCP services chosen by the session's path: one backend for several services, each served
+/// by the agent as its own backend ID (`--serve ssh=ws://host:9000/ssh`).
+///
+/// A session takes the route whose path is its own path or the start of it (`/ssh` takes
+/// `/ssh` and `/ssh/...`, not `/sshd`); a path no route takes is refused with 404. Routes may
+/// not nest (`/a` beside `/a/b`), and there is no catch-all: a client may add to the path the
+/// agent dials, and must not be able to add its way into another route.
+#[derive(Debug, Clone)]
+pub struct Routes(Vec<(String, String)>);
+
+impl Routes {
+    /// Checks `PATH=HOST:PORT` entries; the error names the entry and what to write instead.
+    pub fn parse(entries: &[String]) -> Result<Self, String> {
+        let mut routes: Vec<(String, String)> = Vec::new();
+        for entry in entries {
+            let Some((path, target)) = entry.split_once('=') else {
+                return Err(format!(
+                    "--route {entry:?} must be PATH=HOST:PORT, e.g. /ssh=127.0.0.1:22"
+                ));
+            };
+            let path = path.trim().trim_end_matches('/');
+            if !path.starts_with('/') || path.contains(['?', '#', '%']) || path.contains("//") {
+                return Err(format!(
+                    "--route {entry:?}: the path must start with / and name at least one segment, without ? # % or //"
+                ));
+            }
+            check_target("--route", target.trim())?;
+            let nests = |a: &str, b: &str| a == b || b.starts_with(&format!("{a}/"));
+            if let Some((other, _)) = routes
+                .iter()
+                .find(|(p, _)| nests(p, path) || nests(path, p))
+            {
+                return Err(format!(
+                    "--route {path} and --route {other} overlap; give each service a path of its own"
+                ));
+            }
+            routes.push((path.to_string(), target.trim().to_string()));
+        }
+        Ok(Self(routes))
+    }
+
+    /// The target for a session whose request target is `path` (query and all).
+    pub fn pick(&self, path: &str) -> Option<&str> {
+        let path = path.split(['?', '#']).next().unwrap_or_default();
+        self.0
+            .iter()
+            .find(|(p, _)| {
+                path.strip_prefix(p.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+            .map(|(_, t)| t.as_str())
+    }
+
+    /// The routes as `PATH=HOST:PORT`, for the start-up line.
+    pub fn describe(&self) -> String {
+        let shown: Vec<String> = self.0.iter().map(|(p, t)| format!("{p}={t}")).collect();
+        shown.join(", ")
+    }
+}
+
+/// Fails unless `target` is HOST:PORT.
+pub fn check_target(flag: &str, target: &str) -> Result<(), String> {
+    match target.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("{flag} {target:?} must be HOST:PORT")),
+    }
 }
 
 /// The backend's settings, already validated.
@@ -70,7 +140,7 @@ pub async fn run(
     let limit = Arc::new(Semaphore::new(config.max_sessions));
     let bridge = match &config.mode {
         Mode::HttpBridge(settings) => Some(http_bridge::Bridge::new(settings.clone())),
-        Mode::Tcp { .. } => None,
+        Mode::Tcp { .. } | Mode::Routes(_) => None,
     };
     let shared = Arc::new(Shared {
         tls: config.tls.clone().map(tokio_rustls::TlsAcceptor::from),
@@ -167,6 +237,18 @@ where
                 log_refusal(shared, peer, &req, &why);
                 Some(refusal(why.status(), why.body()))
             }
+            (Some(_), Ok(())) if unrouted(config, req.uri()) => {
+                shared.refusals.log(|| {
+                    format!(
+                        "refused a session from {peer} for path {}: no --route takes it; the agent's --serve URL must end in one of the routes' paths",
+                        admission::loggable(req.uri().path().as_bytes())
+                    )
+                });
+                Some(refusal(
+                    StatusCode::NOT_FOUND,
+                    "backhaul-backend has no --route for this path",
+                ))
+            }
             (Some(key), Ok(())) => {
                 let upgrade = hyper::upgrade::on(&mut req);
                 let path = req.uri().to_string();
@@ -227,9 +309,21 @@ where
     let target = match (&config.mode, &shared.bridge) {
         (_, Some(bridge)) => return bridge.session(ws, &path, forwarded_for).await,
         (Mode::Tcp { target }, None) => target,
+        (Mode::Routes(routes), None) => match routes.pick(&path) {
+            Some(target) => target,
+            None => return, // refused at the handshake
+        },
         (Mode::HttpBridge(_), None) => return,
     };
     tcp_session(ws, &path, target, config).await;
+}
+
+/// Whether `config` routes by path and no route takes `uri`.
+fn unrouted(config: &Config, uri: &hyper::Uri) -> bool {
+    match &config.mode {
+        Mode::Routes(routes) => routes.pick(uri.path()).is_none(),
+        _ => false,
+    }
 }
 
 /// Carries one session to the TCP service at `target`.
@@ -282,5 +376,48 @@ async fn tcp_session(
             bytes.from_target = summary.to_ws,
             "session ended early: {end}"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes(entries: &[&str]) -> Result<Routes, String> {
+        Routes::parse(&entries.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn a_path_takes_its_own_route_and_nothing_else() {
+        let r = routes(&["/ssh=127.0.0.1:22", "/web/=127.0.0.1:80", "/a/b=h:1"]).unwrap();
+        assert_eq!(r.pick("/ssh"), Some("127.0.0.1:22"));
+        assert_eq!(r.pick("/ssh/more?x=1"), Some("127.0.0.1:22"));
+        assert_eq!(r.pick("/ssh?x=/web"), Some("127.0.0.1:22"));
+        assert_eq!(r.pick("/web"), Some("127.0.0.1:80"));
+        assert_eq!(r.pick("/a/b/c"), Some("h:1"));
+        for other in ["/", "", "/sshd", "/a", "/a/bc", "/SSH", "/x/ssh"] {
+            assert_eq!(r.pick(other), None, "{other}");
+        }
+        assert_eq!(
+            r.describe(),
+            "/ssh=127.0.0.1:22, /web=127.0.0.1:80, /a/b=h:1"
+        );
+    }
+
+    #[test]
+    fn routes_that_overlap_or_are_not_paths_are_refused() {
+        for (entries, says) in [
+            (&["/a=h:1", "/a/b=h:2"][..], "overlap"),
+            (&["/a/b=h:1", "/a=h:2"][..], "overlap"),
+            (&["/a=h:1", "/a/=h:2"][..], "overlap"),
+            (&["/=h:1"][..], "must start with /"),
+            (&["ssh=h:1"][..], "must start with /"),
+            (&["/a?b=h:1"][..], "without ? # %"),
+            (&["/a=h"][..], "must be HOST:PORT"),
+            (&["/a"][..], "must be PATH=HOST:PORT"),
+        ] {
+            let e = routes(entries).unwrap_err();
+            assert!(e.contains(says), "{entries:?}: {e}");
+        }
     }
 }

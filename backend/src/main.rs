@@ -1,5 +1,5 @@
 use backhaul_backend::http_bridge;
-use backhaul_backend::{Config, Mode};
+use backhaul_backend::{Config, Mode, Routes};
 use backhaul_common::secret;
 use backhaul_common::telemetry;
 use clap::Parser;
@@ -26,10 +26,22 @@ struct Args {
     #[arg(
         long,
         env = "BACKHAUL_TARGET",
-        required_unless_present = "http_bridge",
-        conflicts_with = "http_bridge"
+        required_unless_present_any = ["http_bridge", "route"],
+        conflicts_with_all = ["http_bridge", "route"]
     )]
     target: Option<String>,
+    /// Instead of --target, one backend for several services: a session whose path is PATH
+    /// (or under it) goes to HOST:PORT. Repeat for more, e.g. --route /ssh=127.0.0.1:22
+    /// --route /wiki=127.0.0.1:8080, and serve each from the agent as its own backend ID
+    /// (--serve ssh=ws://this-host:9000/ssh). Routes may not nest; other paths get 404.
+    #[arg(
+        long,
+        value_name = "PATH=HOST:PORT",
+        env = "BACKHAUL_ROUTE",
+        value_delimiter = ',',
+        conflicts_with = "http_bridge"
+    )]
+    route: Vec<String>,
     /// Serve the WebSocket-to-HTTP bridge instead of a TCP target: each message a session
     /// sends is POSTed to the frame URL it named (`/connect?f=<frame URL>&d=<disconnect URL>`),
     /// with the session's callback URL in `x-ws-proxy-send`; the application POSTs to that URL
@@ -122,11 +134,9 @@ async fn serve(mut args: Args) {
     let origins = backhaul_backend::admission::OriginPolicy::parse(&args.allow_origin)
         .unwrap_or_else(|e| fail(e));
     if let Some(target) = &args.target {
-        match target.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-            _ => fail(format!("--target {target:?} must be HOST:PORT")),
-        }
+        backhaul_backend::check_target("--target", target).unwrap_or_else(|e| fail(e));
     }
+    let routes = Routes::parse(&args.route).unwrap_or_else(|e| fail(e));
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(
             backhaul_common::tls::server_config(cert, key, &[b"http/1.1".to_vec()])
@@ -148,6 +158,10 @@ async fn serve(mut args: Args) {
     };
     let mode = match args.target.take() {
         Some(target) => Mode::Tcp { target },
+        None if !args.route.is_empty() => {
+            tracing::info!("routes by path: {}", routes.describe());
+            Mode::Routes(routes)
+        }
         None => Mode::HttpBridge(bridge_settings(&args, bound, tls.is_some(), allowlist)),
     };
     telemetry::announce_listening("backhaul-backend", bound);

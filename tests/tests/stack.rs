@@ -749,3 +749,84 @@ async fn https_relay_with_a_private_ca() {
         "the frontend should say TLS failed:\n{log}"
     );
 }
+
+/// One backend for several services, chosen by the session's path (`--route`), each served by
+/// the agent as a backend ID of its own; a path no route takes is refused at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_backend_routes_sessions_to_services_by_path() {
+    let relay = relay(&[], &[]).await;
+    let url = format!("http://{}", relay.addr());
+    let echo = services::echo().await;
+    let reply = services::reply_after_eof(7, 70_000).await;
+    let backend = backhaul_tests::Program::listening(
+        "backhaul-backend",
+        &[
+            s("--listen"),
+            s("127.0.0.1:0"),
+            s("--route"),
+            format!("/echo={echo}"),
+            s("--route"),
+            format!("/reply/={reply}"),
+        ],
+        &[],
+    )
+    .await;
+    let at = backend.addr();
+    let mut agent = backhaul_tests::Program::spawn(
+        "backhaul-agent",
+        &[
+            s("--relay"),
+            s(&url),
+            s("--serve"),
+            format!("e=ws://{at}/echo"),
+            s("--serve"),
+            format!("r=ws://{at}/reply"),
+            s("--serve"),
+            format!("n=ws://{at}/nowhere"),
+        ],
+        &[],
+    );
+    for _ in 0..3 {
+        agent.wait_line("connected to relay").await;
+    }
+    let (fe, fr, fnowhere) = (
+        frontend(&url, "e", &[], &[]).await,
+        frontend(&url, "r", &[], &[]).await,
+        frontend(&url, "n", &[], &[]).await,
+    );
+    let sessions = [
+        tokio::spawn(echo_transfer(fe.addr(), 1, 4 * MIB)),
+        tokio::spawn(half_close_then_reply(fr.addr(), 2, 1000, 7, 70_000)),
+        tokio::spawn(echo_transfer(fe.addr(), 3, MIB)),
+    ];
+    for t in sessions {
+        t.await.expect("a routed session failed");
+    }
+    expect_closed_promptly(
+        fnowhere.addr(),
+        b"hello?",
+        "a path no route takes was carried somewhere",
+    )
+    .await;
+    let log = backend.wait_stderr("no --route takes it").await;
+    assert!(log.contains("for path \"/nowhere\""), "{log}");
+
+    // Routes that overlap, or beside --target, are refused at start.
+    for args in [
+        vec![
+            s("--route"),
+            s("/a=127.0.0.1:1"),
+            s("--route"),
+            s("/a/b=127.0.0.1:2"),
+        ],
+        vec![
+            s("--route"),
+            s("/a=127.0.0.1:1"),
+            s("--target"),
+            s("127.0.0.1:2"),
+        ],
+        vec![s("--route"), s("a=127.0.0.1:1")],
+    ] {
+        backhaul_tests::checks::refuses_to_start("backhaul-backend", &args, &[]).await;
+    }
+}
