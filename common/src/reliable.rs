@@ -15,11 +15,9 @@ use std::collections::{BTreeMap, VecDeque};
 pub struct SendBuffer {
     /// Sequence number of `frames[0]`.
     base: u64,
-    frames: VecDeque<Frame>,
+    /// Each frame, and whether it has been put in a batch before.
+    frames: VecDeque<(Frame, bool)>,
     bytes: usize,
-    /// One past the furthest frame ever put in a batch. Senders go forward from the peer's ack,
-    /// so a frame below it goes out again only as a retransmission.
-    sent: u64,
     /// Frames put in a batch again since [`SendBuffer::take_resent`] last asked.
     resent: u64,
 }
@@ -40,7 +38,7 @@ impl SendBuffer {
     /// Queues a frame and returns its sequence number.
     pub fn push(&mut self, frame: Frame) -> u64 {
         self.bytes += frame.encoded_len();
-        self.frames.push_back(frame);
+        self.frames.push_back((frame, false));
         self.next_seq() - 1
     }
 
@@ -77,7 +75,7 @@ impl SendBuffer {
             });
         }
         while self.base < ack {
-            if let Some(f) = self.frames.pop_front() {
+            if let Some((f, _)) = self.frames.pop_front() {
                 self.bytes -= f.encoded_len();
             }
             self.base += 1;
@@ -104,17 +102,15 @@ impl SendBuffer {
         let skip = (from - self.base) as usize;
         let mut written = 0;
         let mut size = 0;
-        for f in self.frames.iter().skip(skip) {
+        for (f, batched) in self.frames.iter_mut().skip(skip) {
             if written > 0 && size + f.encoded_len() > max_bytes {
                 break;
             }
             size += f.encoded_len();
             out.push(f);
             written += 1;
+            self.resent += u64::from(std::mem::replace(batched, true));
         }
-        let end = from + written as u64;
-        self.resent += end.min(self.sent).saturating_sub(from);
-        self.sent = self.sent.max(end);
         (out.finish(), written)
     }
 

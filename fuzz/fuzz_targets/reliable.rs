@@ -25,14 +25,15 @@ use backhaul_common::reliable::{
 use backhaul_common::wire::{decode_batch, Frame, BATCH_HEADER_LEN};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
-/// After a batch of `n` frames from `start`: the ones below `sent_to` were sent before.
-fn resent_check(sender: &mut SendBuffer, sent_to: &mut u64, start: u64, n: usize) {
-    let end = start + n as u64;
-    let again = end.min(*sent_to).saturating_sub(start);
+/// After a batch of `n` frames from `start`: the ones in `batched` (every sequence number ever
+/// batched) were sent before.
+fn resent_check(sender: &mut SendBuffer, batched: &mut BTreeSet<u64>, start: u64, n: usize) {
+    let again = (start..start + n as u64)
+        .filter(|seq| !batched.insert(*seq))
+        .count() as u64;
     assert_eq!(sender.take_resent(), again, "retransmissions miscounted");
-    *sent_to = (*sent_to).max(end);
 }
 
 struct Input<'a>(&'a [u8]);
@@ -78,8 +79,8 @@ fuzz_target!(|data: &[u8]| {
     let mut base = 0u64;
     let mut receiver = RecvState::new();
     let mut delivered = 0u64;
-    // One past the furthest frame batched so far.
-    let mut sent_to = 0u64;
+    // Every sequence number batched so far.
+    let mut batched = BTreeSet::new();
     let mut cursor: Option<(StreamCursor, u64, usize)> = None;
 
     while let Some(op) = input.u8() {
@@ -144,7 +145,7 @@ fuzz_target!(|data: &[u8]| {
                 let start = from.max(base);
                 assert_eq!((h.ack, h.first_seq), (peer_ack, start));
                 assert_eq!(frames.len(), n);
-                resent_check(&mut sender, &mut sent_to, start, n);
+                resent_check(&mut sender, &mut batched, start, n);
                 let avail = (base + held.len() as u64).saturating_sub(start);
                 assert!(n as u64 <= avail);
                 assert_eq!(n == 0, avail == 0, "no frame sent while {avail} were due");
@@ -200,7 +201,7 @@ fuzz_target!(|data: &[u8]| {
                             decode_batch(&b.into_bytes()).expect("cursor wrote a bad batch");
                         assert_eq!(h.ack, receiver.ack());
                         assert_eq!(h.first_seq, (*next).max(base));
-                        resent_check(&mut sender, &mut sent_to, h.first_seq, frames.len());
+                        resent_check(&mut sender, &mut batched, h.first_seq, frames.len());
                         *next = h.first_seq + frames.len() as u64;
                         for (seq, f) in frames {
                             if receiver.arrive(seq) == Ok(Arrival::Deliver) {
