@@ -2,7 +2,10 @@
 # Builds the four Debian packages (cargo-deb), checks their systemd units with systemd-analyze,
 # installs the packages into a fresh container of the locally built Debian base image, and runs
 # the stack there from the installed binaries and settings files: a file fetched through it
-# must hash the same as the original. Run by .ci/run.
+# must hash the same as the original. Then the same packages under systemd itself (a container
+# whose first process is systemd): the four units, hardening and dynamic users as shipped, must
+# carry the file too, take a secret through LoadCredential, reload, and leave a service with a
+# configuration error failed rather than restart it. Run by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,5 +70,88 @@ docker run --rm "$image" sh -euc '
     echo "3 MB through the stack run from the packages: SHA-256 match"
     backhaul-agent --config /etc/backhaul/agent.toml --check
     backhaul-relay --version
+'
+echo "== the installed units under systemd"
+# systemd sets up each unit's sandbox (mount namespaces, seccomp filters), which needs
+# CAP_SYS_ADMIN and no outer seccomp profile in the container; nothing else is granted.
+sd_image="backhaul-package-systemd:$$"
+docker build -q -t "$sd_image" - <<EOF >/dev/null
+FROM $image
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null && rm -rf /var/lib/apt/lists/*
+EOF
+cid=$(docker run -d --cap-add SYS_ADMIN --security-opt seccomp=unconfined \
+    --tmpfs /run --tmpfs /run/lock -v /sys/fs/cgroup:/sys/fs/cgroup:ro "$sd_image" /lib/systemd/systemd)
+trap 'rm -rf "$units" "$ctx"; docker rm -f "$cid" >/dev/null 2>&1 || true; docker rmi -f "$image" "$sd_image" >/dev/null 2>&1 || true' EXIT
+docker exec "$cid" sh -euc '
+    for _ in $(seq 1 100); do
+        case "$(systemctl is-system-running 2>/dev/null || true)" in running|degraded) break ;; esac
+        sleep 0.1
+    done
+    mkdir -p /tmp/www && head -c 3000000 /dev/urandom > /tmp/www/blob
+    busybox httpd -p 127.0.0.1:8000 -h /tmp/www
+    # The admin token as an operator hands it over: a root-only file, passed by LoadCredential
+    # to the dynamic user the relay runs as.
+    (umask 077; head -c 24 /dev/urandom | base64 > /etc/backhaul/admin-token.secret)
+    mkdir -p /etc/systemd/system/backhaul-relay.service.d
+    printf "[Service]\nLoadCredential=admin-token:/etc/backhaul/admin-token.secret\n" \
+        > /etc/systemd/system/backhaul-relay.service.d/credentials.conf
+    printf "listen = \"127.0.0.1:8080\"\nadmin-token-file = \"/run/credentials/backhaul-relay.service/admin-token\"\n" >> /etc/backhaul/relay.toml
+    printf "listen = \"127.0.0.1:9000\"\ntarget = \"127.0.0.1:8000\"\n" >> /etc/backhaul/backend.toml
+    printf "relay = \"http://127.0.0.1:8080\"\nbackend-id = \"pkg\"\nbackend = \"ws://127.0.0.1:9000\"\n" >> /etc/backhaul/agent.toml
+    printf "listen = \"127.0.0.1:7000\"\nrelay = \"http://127.0.0.1:8080\"\nbackend-id = \"pkg\"\n" >> /etc/backhaul/frontend.toml
+    systemctl daemon-reload
+    systemctl start backhaul-relay backhaul-backend backhaul-agent backhaul-frontend
+    # Until the agent has registered, the relay refuses the session and the fetch fails.
+    ok=""
+    for _ in $(seq 1 100); do
+        if busybox wget -q -O /tmp/got http://127.0.0.1:7000/blob 2>/dev/null; then ok=1; break; fi
+        sleep 0.1
+    done
+    if [ -z "$ok" ]; then
+        systemctl --no-pager status "backhaul-*" >&2 || true
+        journalctl --no-pager -u "backhaul-*" >&2
+        echo "under systemd: nothing came through the stack within 10 s" >&2
+        exit 1
+    fi
+    want=$(sha256sum /tmp/www/blob | cut -d" " -f1)
+    got=$(sha256sum /tmp/got | cut -d" " -f1)
+    [ "$want" = "$got" ] || { echo "under systemd: sha256 $got, expected $want" >&2; exit 1; }
+    echo "3 MB through the four units under systemd: SHA-256 match"
+    for p in relay agent frontend backend; do
+        pid=$(systemctl show -p MainPID --value backhaul-$p)
+        uid=$(awk "/^Uid:/ {print \$2}" /proc/$pid/status)
+        [ "$uid" != 0 ] || { echo "backhaul-$p runs as root" >&2; exit 1; }
+    done
+    echo "every unit runs as a dynamic user, not root"
+    token=$(cat /etc/backhaul/admin-token.secret)
+    busybox wget -q -O - --header "Authorization: Bearer $token" http://127.0.0.1:8080/metrics \
+        | grep -q "^backhaul_relay_sessions_opened_total{backend=\"pkg\"} [1-9]" \
+        || { echo "the relay did not take its admin token through LoadCredential" >&2; exit 1; }
+    echo "the relay read its admin token through LoadCredential"
+    systemctl reload backhaul-relay
+    for _ in $(seq 1 50); do
+        journalctl --no-pager -u backhaul-relay | grep -q "nothing to reload" && break
+        sleep 0.1
+    done
+    journalctl --no-pager -u backhaul-relay | grep -q "nothing to reload" \
+        || { echo "systemctl reload did not reach the relay" >&2; exit 1; }
+    systemctl is-active -q backhaul-relay
+    echo "systemctl reload reaches the relay, which keeps running"
+    # A configuration error (exit 64) is not restarted over and over.
+    echo "no-such-key = 1" >> /etc/backhaul/frontend.toml
+    systemctl restart backhaul-frontend || true
+    for _ in $(seq 1 50); do
+        [ "$(systemctl show -p ActiveState --value backhaul-frontend)" = failed ] && break
+        sleep 0.1
+    done
+    sleep 3   # RestartSec=2s: a restart, if one were coming, would show by now
+    state=$(systemctl show -p ActiveState --value backhaul-frontend)
+    status=$(systemctl show -p ExecMainStatus --value backhaul-frontend)
+    restarts=$(systemctl show -p NRestarts --value backhaul-frontend)
+    [ "$state" = failed ] && [ "$status" = 64 ] && [ "$restarts" = 0 ] \
+        || { echo "frontend with a bad setting: $state, status $status, $restarts restarts" >&2; exit 1; }
+    journalctl --no-pager -u backhaul-frontend | grep -q "no-such-key: no such setting" \
+        || { echo "the journal does not say which setting is wrong" >&2; exit 1; }
+    echo "a bad setting leaves the unit failed (exit 64, no restarts), its journal naming the key"
 '
 echo "package-test: all checks passed"

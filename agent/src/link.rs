@@ -9,7 +9,7 @@ use crate::longpoll::{RETRY_INITIAL, RETRY_MAX};
 use crate::transport::{Ended, Ladder, Next, Transport};
 use crate::{Clients, Config};
 use backhaul_common::api::{LinkInfo, OpenRequest, Opened};
-use backhaul_common::api::{BACKEND_SECRET_HEADER, FORWARDED_HEADERS};
+use backhaul_common::api::{BACKEND_SECRET_HEADER, CLIENT_PATH_HEADER, FORWARDED_HEADERS};
 use backhaul_common::backoff::Backoff;
 use backhaul_common::dial::{dial, DialOptions, Dialed};
 use backhaul_common::reliable::{Arrival, RecvState, Reorder, SendBuffer};
@@ -496,6 +496,14 @@ impl Link {
                     }
                 };
                 let mut headers = forwardable(open.headers);
+                // What the client added to the path, so that the backend routes on the rest.
+                let own = link.cfg.backend.path().trim_end_matches('/').len();
+                match url.path().get(own..) {
+                    Some(added) if !added.is_empty() => {
+                        headers.push((CLIENT_PATH_HEADER.to_string(), added.to_string()))
+                    }
+                    _ => {}
+                }
                 if let Some(s) = &link.cfg.backend_secret {
                     headers.push((BACKEND_SECRET_HEADER.to_string(), s.expose().to_string()));
                 }

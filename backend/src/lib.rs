@@ -8,6 +8,7 @@ pub mod admission;
 pub mod http_bridge;
 
 use admission::{OriginPolicy, Refusal};
+use backhaul_common::api::CLIENT_PATH_HEADER;
 use backhaul_common::bridge::{self, BridgeEnd, Wire};
 use backhaul_common::refusal_log::RefusalLog;
 use backhaul_common::secret::SecretHash;
@@ -43,10 +44,10 @@ pub enum Mode {
 /// TCP services chosen by the session's path: one backend for several services, each served
 /// by the agent as its own backend ID (`--serve ssh=ws://host:9000/ssh`).
 ///
-/// A session takes the route whose path is its own path or the start of it (`/ssh` takes
-/// `/ssh` and `/ssh/...`, not `/sshd`); a path no route takes is refused with 404. Routes may
-/// not nest (`/a` beside `/a/b`), and there is no catch-all: a client may add to the path the
-/// agent dials, and must not be able to add its way into another route.
+/// A route takes a session whose path, less what the client added after `/b/<id>` (which the
+/// agent names in [`CLIENT_PATH_HEADER`]), is the route's path exactly; other sessions are
+/// refused with 404. So a client can add to its path, but cannot add its way into another
+/// route, and an agent whose `--serve` URL is not one of the routes reaches none of them.
 #[derive(Debug, Clone)]
 pub struct Routes(Vec<(String, String)>);
 
@@ -61,19 +62,16 @@ impl Routes {
                 ));
             };
             let path = path.trim().trim_end_matches('/');
-            if !path.starts_with('/') || path.contains(['?', '#', '%']) || path.contains("//") {
+            let plain = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;:@/".contains(c);
+            if !path.starts_with('/') || !path.chars().all(plain) || path.contains("//") {
                 return Err(format!(
-                    "--route {entry:?}: the path must start with / and name at least one segment, without ? # % or //"
+                    "--route {entry:?}: the path must start with / and name at least one segment of letters, digits and -._~!$&'()*+,;:@ (no spaces, %, ? or #)"
                 ));
             }
             check_target("--route", target.trim())?;
-            let nests = |a: &str, b: &str| a == b || b.starts_with(&format!("{a}/"));
-            if let Some((other, _)) = routes
-                .iter()
-                .find(|(p, _)| nests(p, path) || nests(path, p))
-            {
+            if routes.iter().any(|(p, _)| p == path) {
                 return Err(format!(
-                    "--route {path} and --route {other} overlap; give each service a path of its own"
+                    "--route {path} is given twice; give each service a path of its own"
                 ));
             }
             routes.push((path.to_string(), target.trim().to_string()));
@@ -81,15 +79,17 @@ impl Routes {
         Ok(Self(routes))
     }
 
-    /// The target for a session whose request target is `path` (query and all).
-    pub fn pick(&self, path: &str) -> Option<&str> {
-        let path = path.split(['?', '#']).next().unwrap_or_default();
+    /// The target for a session whose request path is `path`, of which the client added
+    /// `added` at the end (the agent's [`CLIENT_PATH_HEADER`]).
+    pub fn pick(&self, path: &str, added: Option<&str>) -> Option<&str> {
+        let own = match added {
+            Some(added) => path.strip_suffix(added)?,
+            None => path,
+        };
+        let own = own.trim_end_matches('/');
         self.0
             .iter()
-            .find(|(p, _)| {
-                path.strip_prefix(p.as_str())
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-            })
+            .find(|(p, _)| p == own)
             .map(|(_, t)| t.as_str())
     }
 
@@ -237,7 +237,7 @@ where
                 log_refusal(shared, peer, &req, &why);
                 Some(refusal(why.status(), why.body()))
             }
-            (Some(_), Ok(())) if unrouted(config, req.uri()) => {
+            (Some(_), Ok(())) if matches!(destination(config, &req), Dest::Unrouted) => {
                 shared.refusals.log(|| {
                     format!(
                         "refused a session from {peer} for path {}: no --route takes it; the agent's --serve URL must end in one of the routes' paths",
@@ -258,7 +258,8 @@ where
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
                 if let Some(tx) = tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    let _ = tx.send((upgrade, path, forwarded_for));
+                    let dest = destination(config, &req);
+                    let _ = tx.send((upgrade, path, forwarded_for, dest));
                 }
                 Some(switching_protocols(&key, None))
             }
@@ -296,7 +297,7 @@ where
             return;
         }
     }
-    let Ok((upgrade, path, forwarded_for)) = rx.await else {
+    let Ok((upgrade, path, forwarded_for, dest)) = rx.await else {
         return; // the connection ended without asking for a WebSocket
     };
     let ws = match upgrade.await {
@@ -306,23 +307,36 @@ where
             return;
         }
     };
-    let target = match (&config.mode, &shared.bridge) {
-        (_, Some(bridge)) => return bridge.session(ws, &path, forwarded_for).await,
-        (Mode::Tcp { target }, None) => target,
-        (Mode::Routes(routes), None) => match routes.pick(&path) {
-            Some(target) => target,
-            None => return, // refused at the handshake
-        },
-        (Mode::HttpBridge(_), None) => return,
-    };
-    tcp_session(ws, &path, target, config).await;
+    match (dest, &shared.bridge) {
+        (Dest::Bridge, Some(bridge)) => bridge.session(ws, &path, forwarded_for).await,
+        (Dest::Tcp(target), _) => tcp_session(ws, &path, target, config).await,
+        // Refused at the handshake.
+        (Dest::Unrouted | Dest::Bridge, _) => {}
+    }
 }
 
-/// Whether `config` routes by path and no route takes `uri`.
-fn unrouted(config: &Config, uri: &hyper::Uri) -> bool {
+/// Where a session goes, decided once from its request at the handshake.
+enum Dest<'a> {
+    Tcp(&'a str),
+    /// `--route`s are set and none takes the path.
+    Unrouted,
+    Bridge,
+}
+
+fn destination<'a>(config: &'a Config, req: &Request<Incoming>) -> Dest<'a> {
     match &config.mode {
-        Mode::Routes(routes) => routes.pick(uri.path()).is_none(),
-        _ => false,
+        Mode::Tcp { target } => Dest::Tcp(target),
+        Mode::Routes(routes) => {
+            let added = match req.headers().get(CLIENT_PATH_HEADER).map(|v| v.to_str()) {
+                None => None,
+                Some(Ok(added)) => Some(added),
+                Some(Err(_)) => return Dest::Unrouted,
+            };
+            routes
+                .pick(req.uri().path(), added)
+                .map_or(Dest::Unrouted, Dest::Tcp)
+        }
+        Mode::HttpBridge(_) => Dest::Bridge,
     }
 }
 
@@ -388,31 +402,48 @@ mod tests {
     }
 
     #[test]
-    fn a_path_takes_its_own_route_and_nothing_else() {
-        let r = routes(&["/ssh=127.0.0.1:22", "/web/=127.0.0.1:80", "/a/b=h:1"]).unwrap();
-        assert_eq!(r.pick("/ssh"), Some("127.0.0.1:22"));
-        assert_eq!(r.pick("/ssh/more?x=1"), Some("127.0.0.1:22"));
-        assert_eq!(r.pick("/ssh?x=/web"), Some("127.0.0.1:22"));
-        assert_eq!(r.pick("/web"), Some("127.0.0.1:80"));
-        assert_eq!(r.pick("/a/b/c"), Some("h:1"));
-        for other in ["/", "", "/sshd", "/a", "/a/bc", "/SSH", "/x/ssh"] {
-            assert_eq!(r.pick(other), None, "{other}");
+    fn a_session_takes_the_route_of_the_agents_own_path_only() {
+        let r = routes(&[
+            "/ssh=127.0.0.1:22",
+            "/web/=127.0.0.1:80",
+            "/a/b=h:1",
+            "/a=h:2",
+        ])
+        .unwrap();
+        assert_eq!(r.pick("/ssh", None), Some("127.0.0.1:22"));
+        assert_eq!(r.pick("/ssh/", None), Some("127.0.0.1:22"));
+        assert_eq!(r.pick("/web", None), Some("127.0.0.1:80"));
+        assert_eq!(r.pick("/a/b", None), Some("h:1"));
+        assert_eq!(r.pick("/a", None), Some("h:2"));
+        // What the client added does not choose the route.
+        assert_eq!(r.pick("/ssh/more", Some("/more")), Some("127.0.0.1:22"));
+        assert_eq!(r.pick("/a/b", Some("/b")), Some("h:2"));
+        // An agent that dials the backend's root (or a path that is no route): the client's
+        // additions reach nothing.
+        assert_eq!(r.pick("/ssh", Some("/ssh")), None);
+        assert_eq!(r.pick("/x/ssh", Some("/ssh")), None);
+        // Without the agent's word on what was added, the whole path must be a route.
+        for other in ["/", "", "/sshd", "/ssh/more", "/a/bc", "/SSH", "/x/ssh"] {
+            assert_eq!(r.pick(other, None), None, "{other}");
         }
+        // A header that is not the end of the path is refused.
+        assert_eq!(r.pick("/ssh", Some("/web")), None);
         assert_eq!(
             r.describe(),
-            "/ssh=127.0.0.1:22, /web=127.0.0.1:80, /a/b=h:1"
+            "/ssh=127.0.0.1:22, /web=127.0.0.1:80, /a/b=h:1, /a=h:2"
         );
     }
 
     #[test]
-    fn routes_that_overlap_or_are_not_paths_are_refused() {
+    fn routes_given_twice_or_that_are_not_plain_paths_are_refused() {
         for (entries, says) in [
-            (&["/a=h:1", "/a/b=h:2"][..], "overlap"),
-            (&["/a/b=h:1", "/a=h:2"][..], "overlap"),
-            (&["/a=h:1", "/a/=h:2"][..], "overlap"),
+            (&["/a=h:1", "/a/=h:2"][..], "given twice"),
             (&["/=h:1"][..], "must start with /"),
             (&["ssh=h:1"][..], "must start with /"),
-            (&["/a?b=h:1"][..], "without ? # %"),
+            (&["/a?b=h:1"][..], "no spaces, %, ? or #"),
+            (&["/a b=h:1"][..], "no spaces"),
+            (&["/a%2Fb=h:1"][..], "no spaces, %"),
+            (&["/a//b=h:1"][..], "must start with /"),
             (&["/a=h"][..], "must be HOST:PORT"),
             (&["/a"][..], "must be PATH=HOST:PORT"),
         ] {

@@ -18,8 +18,8 @@ by --config; flags win, then variables, then the file. --config-example prints e
 More: README.md and docs/ in the source tree.", about)]
 struct Args {
     /// Address to listen on for WebSocket sessions. Whoever can reach it can open sessions to
-    /// --target: keep it on loopback or a private network only the agent can reach, and set
-    /// --backend-secret where others can reach it too.
+    /// --target (or any --route): keep it on loopback or a private network only the agent can
+    /// reach, and set --backend-secret where others can reach it too.
     #[arg(long, env = "BACKHAUL_LISTEN", default_value = "127.0.0.1:9000")]
     listen: String,
     /// The service to connect each session to, as HOST:PORT (not with --http-bridge).
@@ -30,10 +30,11 @@ struct Args {
         conflicts_with_all = ["http_bridge", "route"]
     )]
     target: Option<String>,
-    /// Instead of --target, one backend for several services: a session whose path is PATH
-    /// (or under it) goes to HOST:PORT. Repeat for more, e.g. --route /ssh=127.0.0.1:22
-    /// --route /wiki=127.0.0.1:8080, and serve each from the agent as its own backend ID
-    /// (--serve ssh=ws://this-host:9000/ssh). Routes may not nest; other paths get 404.
+    /// Instead of --target, one backend for several services: a session whose agent dialed
+    /// PATH goes to HOST:PORT (what a client adds to the path does not count). Repeat for
+    /// more, e.g. --route /ssh=127.0.0.1:22 --route /wiki=127.0.0.1:8080, and serve each from
+    /// the agent as its own backend ID (--serve ssh=ws://this-host:9000/ssh). Other paths get
+    /// 404.
     #[arg(
         long,
         value_name = "PATH=HOST:PORT",

@@ -49,6 +49,12 @@ pub const FORWARDED_HEADERS: &[&str] = &[
 /// the agent's own: never one of [`FORWARDED_HEADERS`], so a client cannot supply it.
 pub const BACKEND_SECRET_HEADER: &str = "x-backhaul-secret";
 
+/// The handshake header in which the agent tells the backend the part of the path the client
+/// added after `/b/<id>` (path only, as it appears at the end of the dialed path), so that the
+/// backend's `--route`s match only the part the agent's own settings chose. The agent's own:
+/// never one of [`FORWARDED_HEADERS`].
+pub const CLIENT_PATH_HEADER: &str = "x-backhaul-client-path";
+
 /// Longest backend ID accepted.
 pub const MAX_BACKEND_ID_LEN: usize = 64;
 
