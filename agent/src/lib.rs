@@ -187,8 +187,8 @@ pub async fn serve_all(
         #[cfg(unix)]
         let hup = async {
             match hangup.as_mut() {
-                Some(h) if reload.is_some() => h.recv().await,
-                _ => std::future::pending().await,
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
             }
         };
         #[cfg(not(unix))]
@@ -243,6 +243,9 @@ pub async fn serve_all(
                 running.insert(w.id.clone(), start(w));
             }
         }
+        let mut ids: Vec<&str> = running.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        info!("reload done: serving {}", ids.join(", "));
     }
     for (_, (_, _, task)) in running {
         let _ = task.await;
