@@ -496,14 +496,11 @@ impl Link {
                     }
                 };
                 let mut headers = forwardable(open.headers);
-                // What the client added to the path, so that the backend routes on the rest.
+                // What the client added to the path (maybe nothing), so that a backend with
+                // --routes routes on the rest.
                 let own = link.cfg.backend.path().trim_end_matches('/').len();
-                match url.path().get(own..) {
-                    Some(added) if !added.is_empty() => {
-                        headers.push((CLIENT_PATH_HEADER.to_string(), added.to_string()))
-                    }
-                    _ => {}
-                }
+                let added = url.path().get(own..).unwrap_or_default();
+                headers.push((CLIENT_PATH_HEADER.to_string(), added.to_string()));
                 if let Some(s) = &link.cfg.backend_secret {
                     headers.push((BACKEND_SECRET_HEADER.to_string(), s.expose().to_string()));
                 }

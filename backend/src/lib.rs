@@ -63,9 +63,10 @@ impl Routes {
             };
             let path = path.trim().trim_end_matches('/');
             let plain = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;:@/".contains(c);
-            if !path.starts_with('/') || !path.chars().all(plain) || path.contains("//") {
+            let dots = path.split('/').any(|seg| seg == "." || seg == "..");
+            if !path.starts_with('/') || !path.chars().all(plain) || path.contains("//") || dots {
                 return Err(format!(
-                    "--route {entry:?}: the path must start with / and name at least one segment of letters, digits and -._~!$&'()*+,;:@ (no spaces, %, ? or #)"
+                    "--route {entry:?}: the path must start with / and name at least one segment of letters, digits and -._~!$&'()*+,;:@ (no spaces, %, ? or #, no . or .. segments)"
                 ));
             }
             check_target("--route", target.trim())?;
@@ -80,17 +81,39 @@ impl Routes {
     }
 
     /// The target for a session whose request path is `path`, of which the client added
-    /// `added` at the end (the agent's [`CLIENT_PATH_HEADER`]).
-    pub fn pick(&self, path: &str, added: Option<&str>) -> Option<&str> {
-        let own = match added {
-            Some(added) => path.strip_suffix(added)?,
-            None => path,
+    /// `added` at the end (the agent's [`CLIENT_PATH_HEADER`]); else why there is none, for the
+    /// log. Without the header nothing is routed: the backend cannot tell what the client added.
+    pub fn pick(&self, path: &str, added: Option<&str>) -> Result<&str, String> {
+        let shown = |p: &str| admission::loggable(p.as_bytes());
+        let Some(added) = added else {
+            return Err(format!(
+                "no {CLIENT_PATH_HEADER} header came with it (an agent older than --route, or not an agent), so the backend cannot tell the agent's part of the path from its client's: upgrade the agent"
+            ));
+        };
+        let Some(own) = path.strip_suffix(added) else {
+            return Err(format!(
+                "its {CLIENT_PATH_HEADER} {} is not the end of the path {} (does something between agent and backend rewrite paths?)",
+                shown(added),
+                shown(path)
+            ));
         };
         let own = own.trim_end_matches('/');
         self.0
             .iter()
             .find(|(p, _)| p == own)
             .map(|(_, t)| t.as_str())
+            .ok_or_else(|| {
+                format!(
+                    "the agent dialed path {}, which is no --route's path; its --serve URL must end in exactly one of them ({})",
+                    shown(if own.is_empty() { "/" } else { own }),
+                    self.paths()
+                )
+            })
+    }
+
+    fn paths(&self) -> String {
+        let paths: Vec<&str> = self.0.iter().map(|(p, _)| p.as_str()).collect();
+        paths.join(", ")
     }
 
     /// The routes as `PATH=HOST:PORT`, for the start-up line.
@@ -237,13 +260,12 @@ where
                 log_refusal(shared, peer, &req, &why);
                 Some(refusal(why.status(), why.body()))
             }
-            (Some(_), Ok(())) if matches!(destination(config, &req), Dest::Unrouted) => {
-                shared.refusals.log(|| {
-                    format!(
-                        "refused a session from {peer} for path {}: no --route takes it; the agent's --serve URL must end in one of the routes' paths",
-                        admission::loggable(req.uri().path().as_bytes())
-                    )
-                });
+            (Some(_), Ok(())) if matches!(destination(config, &req), Dest::Unrouted(_)) => {
+                if let Dest::Unrouted(why) = destination(config, &req) {
+                    shared.refusals.log(|| {
+                        format!("refused a session from {peer}: no --route takes it: {why}")
+                    });
+                }
                 Some(refusal(
                     StatusCode::NOT_FOUND,
                     "backhaul-backend has no --route for this path",
@@ -311,15 +333,15 @@ where
         (Dest::Bridge, Some(bridge)) => bridge.session(ws, &path, forwarded_for).await,
         (Dest::Tcp(target), _) => tcp_session(ws, &path, target, config).await,
         // Refused at the handshake.
-        (Dest::Unrouted | Dest::Bridge, _) => {}
+        (Dest::Unrouted(_) | Dest::Bridge, _) => {}
     }
 }
 
 /// Where a session goes, decided once from its request at the handshake.
 enum Dest<'a> {
     Tcp(&'a str),
-    /// `--route`s are set and none takes the path.
-    Unrouted,
+    /// `--route`s are set and none takes the path: why.
+    Unrouted(String),
     Bridge,
 }
 
@@ -330,11 +352,14 @@ fn destination<'a>(config: &'a Config, req: &Request<Incoming>) -> Dest<'a> {
             let added = match req.headers().get(CLIENT_PATH_HEADER).map(|v| v.to_str()) {
                 None => None,
                 Some(Ok(added)) => Some(added),
-                Some(Err(_)) => return Dest::Unrouted,
+                Some(Err(_)) => {
+                    return Dest::Unrouted(format!("its {CLIENT_PATH_HEADER} is not text"))
+                }
             };
-            routes
-                .pick(req.uri().path(), added)
-                .map_or(Dest::Unrouted, Dest::Tcp)
+            match routes.pick(req.uri().path(), added) {
+                Ok(target) => Dest::Tcp(target),
+                Err(why) => Dest::Unrouted(why),
+            }
         }
         Mode::HttpBridge(_) => Dest::Bridge,
     }
@@ -410,24 +435,34 @@ mod tests {
             "/a=h:2",
         ])
         .unwrap();
-        assert_eq!(r.pick("/ssh", None), Some("127.0.0.1:22"));
-        assert_eq!(r.pick("/ssh/", None), Some("127.0.0.1:22"));
-        assert_eq!(r.pick("/web", None), Some("127.0.0.1:80"));
-        assert_eq!(r.pick("/a/b", None), Some("h:1"));
-        assert_eq!(r.pick("/a", None), Some("h:2"));
+        let pick = |path: &str, added: Option<&str>| r.pick(path, added).ok();
+        assert_eq!(pick("/ssh", Some("")), Some("127.0.0.1:22"));
+        assert_eq!(pick("/ssh/", Some("")), Some("127.0.0.1:22"));
+        assert_eq!(pick("/web", Some("")), Some("127.0.0.1:80"));
+        assert_eq!(pick("/a/b", Some("")), Some("h:1"));
+        assert_eq!(pick("/a", Some("")), Some("h:2"));
         // What the client added does not choose the route.
-        assert_eq!(r.pick("/ssh/more", Some("/more")), Some("127.0.0.1:22"));
-        assert_eq!(r.pick("/a/b", Some("/b")), Some("h:2"));
+        assert_eq!(pick("/ssh/more", Some("/more")), Some("127.0.0.1:22"));
+        assert_eq!(pick("/ssh/", Some("/")), Some("127.0.0.1:22"));
+        assert_eq!(pick("/a/b", Some("/b")), Some("h:2"));
         // An agent that dials the backend's root (or a path that is no route): the client's
         // additions reach nothing.
-        assert_eq!(r.pick("/ssh", Some("/ssh")), None);
-        assert_eq!(r.pick("/x/ssh", Some("/ssh")), None);
-        // Without the agent's word on what was added, the whole path must be a route.
+        assert_eq!(pick("/ssh", Some("/ssh")), None);
+        assert_eq!(pick("/x/ssh", Some("/ssh")), None);
         for other in ["/", "", "/sshd", "/ssh/more", "/a/bc", "/SSH", "/x/ssh"] {
-            assert_eq!(r.pick(other, None), None, "{other}");
+            assert_eq!(pick(other, Some("")), None, "{other}");
         }
-        // A header that is not the end of the path is refused.
-        assert_eq!(r.pick("/ssh", Some("/web")), None);
+        // Without the agent's word on what was added, nothing is routed.
+        let why = r.pick("/ssh", None).unwrap_err();
+        assert!(why.contains("upgrade the agent"), "{why}");
+        // A header that is not the end of the path is refused, and the log says so.
+        let why = r.pick("/ssh", Some("/web")).unwrap_err();
+        assert!(why.contains("is not the end of the path"), "{why}");
+        let why = r.pick("/nowhere", Some("")).unwrap_err();
+        assert!(
+            why.contains("path \"/nowhere\", which is no --route's path"),
+            "{why}"
+        );
         assert_eq!(
             r.describe(),
             "/ssh=127.0.0.1:22, /web=127.0.0.1:80, /a/b=h:1, /a=h:2"
@@ -444,6 +479,8 @@ mod tests {
             (&["/a b=h:1"][..], "no spaces"),
             (&["/a%2Fb=h:1"][..], "no spaces, %"),
             (&["/a//b=h:1"][..], "must start with /"),
+            (&["/a/./b=h:1"][..], "no . or .. segments"),
+            (&["/a/..=h:1"][..], "no . or .. segments"),
             (&["/a=h"][..], "must be HOST:PORT"),
             (&["/a"][..], "must be PATH=HOST:PORT"),
         ] {

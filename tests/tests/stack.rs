@@ -832,7 +832,18 @@ async fn one_backend_routes_sessions_to_services_by_path() {
     )
     .await;
     let log = backend.wait_stderr("no --route takes it").await;
-    assert!(log.contains("for path \"/nowhere\""), "{log}");
+    assert!(
+        log.contains("the agent dialed path \"/nowhere\", which is no --route's path"),
+        "{log}"
+    );
+    // Whatever dials the backend without saying what its client added (an agent older than
+    // --route, or not an agent) reaches no route, even at a route's path.
+    let refused = backhaul_tests::rawws::RawWs::connect(at, "/echo", &[])
+        .await
+        .err()
+        .expect("a handshake without x-backhaul-client-path is refused");
+    assert!(refused.starts_with("HTTP/1.1 404"), "{refused}");
+    backend.wait_stderr("upgrade the agent").await;
 
     // Clients adding to their path: e's stays on the echo service whatever it adds, and the
     // agent that dials the backend's root reaches no route, however its clients name one.
