@@ -47,20 +47,30 @@ COPY *.deb /tmp/debs/
 RUN dpkg -i /tmp/debs/*.deb && rm -rf /tmp/debs
 EOF
 trap 'rm -rf "$units" "$ctx"; docker rmi -f "$image" >/dev/null 2>&1 || true' EXIT
-docker run --rm "$image" sh -euc '
-    for p in relay agent frontend backend; do
-        test -x /usr/bin/backhaul-$p && test -f /etc/backhaul/$p.toml && test -f /usr/lib/systemd/system/backhaul-$p.service
-    done
+# The stack both runs carry: a 3 MB file served on port 8000, and the few settings it needs,
+# added to the installed settings files (which list every key commented out).
+stack_setup() {
+    cat <<'SH'
     mkdir -p /tmp/www && head -c 3000000 /dev/urandom > /tmp/www/blob
     busybox httpd -p 127.0.0.1:8000 -h /tmp/www
-    # The installed settings files list every key commented out: add the few this stack needs.
-    printf "listen = \"127.0.0.1:8080\"\n" >> /etc/backhaul/relay.toml
+    printf "listen = \"127.0.0.1:8080\"\nadmin-loopback = true\n" >> /etc/backhaul/relay.toml
     printf "listen = \"127.0.0.1:9000\"\ntarget = \"127.0.0.1:8000\"\n" >> /etc/backhaul/backend.toml
     printf "relay = \"http://127.0.0.1:8080\"\nbackend-id = \"pkg\"\nbackend = \"ws://127.0.0.1:9000\"\n" >> /etc/backhaul/agent.toml
     printf "listen = \"127.0.0.1:7000\"\nrelay = \"http://127.0.0.1:8080\"\nbackend-id = \"pkg\"\n" >> /etc/backhaul/frontend.toml
+SH
+}
+# Each container reads its script on stdin: quoted here-documents, so nothing in them is
+# expanded or unquoted by this shell.
+{ cat <<'SH'
+    for p in relay agent frontend backend; do
+        test -x /usr/bin/backhaul-$p && test -f /etc/backhaul/$p.toml && test -f /usr/lib/systemd/system/backhaul-$p.service
+    done
+SH
+stack_setup
+cat <<'SH'
     wait_for() { for _ in $(seq 1 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; cat "$1" "${1%.out}.err" >&2; exit 1; }
     for p in relay backend agent frontend; do
-        backhaul-$p --config /etc/backhaul/$p.toml > /tmp/$p.out 2> /tmp/$p.err &
+        backhaul-$p --config /etc/backhaul/$p.toml < /dev/null > /tmp/$p.out 2> /tmp/$p.err &
         case $p in agent) wait_for /tmp/agent.out "connected to relay" ;; *) wait_for /tmp/$p.out "listening on" ;; esac
     done
     busybox wget -q -O /tmp/got http://127.0.0.1:7000/blob
@@ -70,31 +80,36 @@ docker run --rm "$image" sh -euc '
     echo "3 MB through the stack run from the packages: SHA-256 match"
     backhaul-agent --config /etc/backhaul/agent.toml --check
     backhaul-relay --version
-'
+SH
+} | docker run --rm -i "$image" sh -eu
 echo "== the installed units under systemd"
 # systemd sets up each unit's sandbox (mount namespaces, seccomp filters), which needs
-# CAP_SYS_ADMIN and no outer seccomp profile in the container; nothing else is granted.
+# CAP_SYS_ADMIN and no outer seccomp or AppArmor profile in the container; nothing else is
+# granted.
 sd_image="backhaul-package-systemd:$$"
 docker build -q -t "$sd_image" - <<EOF >/dev/null
 FROM $image
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null && rm -rf /var/lib/apt/lists/*
 EOF
-cid=$(docker run -d --cap-add SYS_ADMIN --security-opt seccomp=unconfined \
+cid=$(docker run -d --cap-add SYS_ADMIN --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
     --tmpfs /run --tmpfs /run/lock -v /sys/fs/cgroup:/sys/fs/cgroup:ro "$sd_image" /lib/systemd/systemd)
 trap 'rm -rf "$units" "$ctx"; docker rm -f "$cid" >/dev/null 2>&1 || true; docker rmi -f "$image" "$sd_image" >/dev/null 2>&1 || true' EXIT
-docker exec "$cid" sh -euc '
+{ cat <<'SH'
+    booted=""
     for _ in $(seq 1 100); do
-        case "$(systemctl is-system-running 2>/dev/null || true)" in running|degraded) break ;; esac
+        case "$(systemctl is-system-running 2>/dev/null || true)" in running|degraded) booted=1; break ;; esac
         sleep 0.1
     done
-    mkdir -p /tmp/www && head -c 3000000 /dev/urandom > /tmp/www/blob
-    busybox httpd -p 127.0.0.1:8000 -h /tmp/www
+    if [ -z "$booted" ]; then
+        echo "systemd did not finish booting in the container within 10 s: $(systemctl is-system-running || true)" >&2
+        systemctl --no-pager --failed >&2 || true
+        exit 1
+    fi
+SH
+stack_setup
+cat <<'SH'
     # (LoadCredential= is not exercised: under this Docker engine systemd 252 leaves the
     # credential directory of every unit empty, even of a root unit without sandboxing.)
-    printf "listen = \"127.0.0.1:8080\"\nadmin-loopback = true\n" >> /etc/backhaul/relay.toml
-    printf "listen = \"127.0.0.1:9000\"\ntarget = \"127.0.0.1:8000\"\n" >> /etc/backhaul/backend.toml
-    printf "relay = \"http://127.0.0.1:8080\"\nbackend-id = \"pkg\"\nbackend = \"ws://127.0.0.1:9000\"\n" >> /etc/backhaul/agent.toml
-    printf "listen = \"127.0.0.1:7000\"\nrelay = \"http://127.0.0.1:8080\"\nbackend-id = \"pkg\"\n" >> /etc/backhaul/frontend.toml
     systemctl daemon-reload
     systemctl start backhaul-relay backhaul-backend backhaul-agent backhaul-frontend
     # Until the agent has registered, the relay refuses the session and the fetch fails.
@@ -156,5 +171,6 @@ docker exec "$cid" sh -euc '
     journalctl --no-pager -u backhaul-frontend | grep -q "no-such-key: no such setting" \
         || { echo "the journal does not say which setting is wrong" >&2; exit 1; }
     echo "a bad setting leaves the unit failed (exit 64, no restarts), its journal naming the key"
-'
+SH
+} | docker exec -i "$cid" sh -eu
 echo "package-test: all checks passed"
