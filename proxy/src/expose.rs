@@ -201,10 +201,7 @@ async fn serve_port(exposer: Arc<Exposer>, ctx: Arc<Ctx>, backend: String, liste
                 Ok((tcp, peer)) if !exposer.admits(&backend, peer.ip()) => {
                     drop(tcp);
                     let line = format!("refused a client of backend '{backend}' from {peer}: not in the exposed port's allowlist");
-                    ctx.hub
-                        .metrics
-                        .refused(crate::metrics::Refused::ExposeAllowlist, || line.clone());
-                    ctx.auth.log_refusal(|| line);
+                    ctx.refuse(crate::metrics::Refused::ExposeAllowlist, line);
                 }
                 Ok((tcp, peer)) => {
                     let span = tracing::info_span!("session", backend.id = %backend, client.addr = %peer);

@@ -51,6 +51,15 @@ pub struct Ctx {
     pub draining: CancellationToken,
 }
 
+impl Ctx {
+    /// Counts a refusal for `/metrics` and the status page, and logs `line` at WARN at a
+    /// bounded rate.
+    pub(crate) fn refuse(&self, why: Refused, line: String) {
+        self.hub.metrics.refused(why, || line.clone());
+        self.auth.log_refusal(|| line);
+    }
+}
+
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     let mut body = msg.into();
     body.push('\n');
@@ -181,10 +190,7 @@ pub async fn handle(
             Ok(()) => frontend_session(ctx, peer, req, backend, rest).await,
             Err(why) => {
                 let line = format!("refused a session to backend '{backend}' from {peer}: {why}");
-                ctx.hub
-                    .metrics
-                    .refused(Refused::ClientCredential, || line.clone());
-                ctx.auth.log_refusal(|| line);
+                ctx.refuse(Refused::ClientCredential, line);
                 unauthorized(why, Party::Client)
             }
         }
@@ -234,10 +240,7 @@ fn enter_link(
         .map_err(|e| {
             if let HubError::WrongCredential(_) = &e {
                 let line = format!("refused a request from {peer}: {e}");
-                ctx.hub
-                    .metrics
-                    .refused(Refused::AgentCredential, || line.clone());
-                ctx.auth.log_refusal(|| line);
+                ctx.refuse(Refused::AgentCredential, line);
             }
             Box::new(hub_error(e))
         })
@@ -293,10 +296,7 @@ async fn agent_api(
                         "refused an agent registering for backend '{}' from {peer}: {why}",
                         hello.backend_id
                     );
-                    ctx.hub
-                        .metrics
-                        .refused(Refused::AgentCredential, || line.clone());
-                    ctx.auth.log_refusal(|| line);
+                    ctx.refuse(Refused::AgentCredential, line);
                     return unauthorized(why, Party::Agent);
                 }
             };
@@ -319,10 +319,7 @@ async fn agent_api(
                                 "refused to expose backend '{}' for the agent at {peer}: {e}",
                                 hello.backend_id
                             );
-                            ctx.hub
-                                .metrics
-                                .refused(Refused::ExposeRequest, || line.clone());
-                            ctx.auth.log_refusal(|| line);
+                            ctx.refuse(Refused::ExposeRequest, line);
                             let status = match e {
                                 ExposeError::NotOffered => StatusCode::FORBIDDEN,
                                 ExposeError::Exhausted(..) => StatusCode::SERVICE_UNAVAILABLE,

@@ -161,10 +161,10 @@ pub async fn run(
             Err(why) => {
                 // Closed at once: a refused client gets a reset, not a slot in the backlog.
                 drop(stream);
-                let line = format!("refused a connection from {peer}: {why}");
-                hub.metrics
-                    .refused(metrics::Refused::ConnectionLimit, || line.clone());
-                auth.log_refusal(|| line);
+                ctx.refuse(
+                    metrics::Refused::ConnectionLimit,
+                    format!("refused a connection from {peer}: {why}"),
+                );
                 continue;
             }
         };
