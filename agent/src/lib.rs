@@ -293,10 +293,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 let link = link::Link::new(cfg.clone(), &clients, info, &shutdown);
                 let why = link.clone().run().await;
-                metrics::metrics().link_ended(
-                    &cfg.backend_id,
-                    link.carrier().map(|t| t.to_string()).as_deref(),
-                );
+                metrics::metrics().link_ended(&cfg.backend_id, link.carrier());
                 if shutdown.is_cancelled() {
                     link.deregister().await;
                     break;

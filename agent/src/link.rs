@@ -320,11 +320,7 @@ impl Link {
         let before = lock(&self.carrier).replace(transport);
         let changed = before != Some(transport);
         if changed {
-            crate::metrics::metrics().transport(
-                &self.cfg.backend_id,
-                before.map(|t| t.to_string()).as_deref(),
-                &transport.to_string(),
-            );
+            crate::metrics::metrics().transport(&self.cfg.backend_id, before, transport);
             backhaul_common::telemetry::announce(&format!(
                 "backhaul-agent: link to the relay carried over {transport} ({note})"
             ));

@@ -2,7 +2,8 @@
 //! written by prometheus-client). One set per process, whatever number of backends it serves;
 //! the `backend` label takes only the backend IDs of its own configuration.
 
-use backhaul_common::metrics::{encode, exchanges, Exchanges};
+use crate::transport::Transport;
+use backhaul_common::metrics::{encode, exchanges, registered, Exchanges};
 pub use backhaul_common::metrics::{BackendLabel, BytesLabels, KindLabel, LinkLabels};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -26,8 +27,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChangeLabels {
     pub backend: String,
-    pub from: String,
-    pub to: String,
+    pub from: &'static str,
+    pub to: &'static str,
 }
 
 /// The agent's counters.
@@ -53,83 +54,31 @@ pub fn metrics() -> &'static AgentMetrics {
 impl AgentMetrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("backhaul_agent");
-        let links = Family::<LinkLabels, Gauge>::default();
-        registry.register(
-            "links",
-            "Links to the relay up now, by backend and the transport carrying them",
-            links.clone(),
-        );
-        let sessions_open = Family::<BackendLabel, Gauge>::default();
-        registry.register(
-            "sessions_open",
-            "Sessions carried now",
-            sessions_open.clone(),
-        );
-        let sessions_opened = Family::<BackendLabel, Counter>::default();
-        registry.register(
-            "sessions_opened",
-            "Sessions the relay handed to this agent",
-            sessions_opened.clone(),
-        );
-        let session_bytes = Family::<BytesLabels, Counter>::default();
-        registry.register(
-            "session_bytes",
-            "Payload bytes of ended sessions, by direction",
-            session_bytes.clone(),
-        );
-        let transport_changes = Family::<ChangeLabels, Counter>::default();
-        registry.register(
-            "transport_changes",
-            "Links that moved from one transport to another (fallbacks, and back to faster ones)",
-            transport_changes.clone(),
-        );
-        let registration_failures = Family::<KindLabel, Counter>::default();
-        registry.register(
-            "registration_failures",
-            "Registrations that failed: lasting (fix the settings) or transient (retried soon)",
-            registration_failures.clone(),
-        );
-        let exchange_seconds = exchanges();
-        registry.register(
-            "longpoll_exchange_seconds",
-            "How long long-poll requests took (polls include the relay's hold)",
-            exchange_seconds.clone(),
-        );
-        let frames_resent = Counter::default();
-        registry.register(
-            "frames_resent",
-            "Frames sent to the relay again, after a lost push or a broken stream",
-            frames_resent.clone(),
-        );
-        let window_stalls = Counter::default();
-        registry.register(
-            "window_stalls",
-            "Frames from the relay whose sender said it was held back by the session's window",
-            window_stalls.clone(),
-        );
+        let r = &mut registry;
         Self {
+            links: registered(r, "links", "Links to the relay up now, by backend and the transport carrying them", Default::default()),
+            sessions_open: registered(r, "sessions_open", "Sessions carried now", Default::default()),
+            sessions_opened: registered(r, "sessions_opened", "Sessions the relay handed to this agent", Default::default()),
+            session_bytes: registered(r, "session_bytes", "Payload bytes of ended sessions, by direction", Default::default()),
+            transport_changes: registered(r, "transport_changes", "Links that moved from one transport to another (fallbacks, and back to faster ones)", Default::default()),
+            registration_failures: registered(r, "registration_failures", "Registrations that failed: lasting (fix the settings) or transient (retried soon)", Default::default()),
+            exchange_seconds: registered(r, "longpoll_exchange_seconds", "How long long-poll requests took (polls include the relay's hold)", exchanges()),
+            frames_resent: registered(r, "frames_resent", "Frames sent to the relay again, after a lost push or a broken stream", Default::default()),
+            window_stalls: registered(r, "window_stalls", "Frames from the relay whose sender said it was held back by the session's window", Default::default()),
             registry,
-            links,
-            sessions_open,
-            sessions_opened,
-            session_bytes,
-            transport_changes,
-            registration_failures,
-            exchange_seconds,
-            frames_resent,
-            window_stalls,
+
         }
     }
 
     /// Notes that `backend`'s link is now carried over `to` (and no longer over `from`).
-    pub fn transport(&self, backend: &str, from: Option<&str>, to: &str) {
+    pub fn transport(&self, backend: &str, from: Option<Transport>, to: Transport) {
         if let Some(from) = from {
             self.link(backend, from).set(0);
             self.transport_changes
                 .get_or_create(&ChangeLabels {
                     backend: backend.to_string(),
-                    from: from.to_string(),
-                    to: to.to_string(),
+                    from: from.label(),
+                    to: to.label(),
                 })
                 .inc();
         }
@@ -137,17 +86,17 @@ impl AgentMetrics {
     }
 
     /// Notes that `backend`'s link ended (it registers again, or stops).
-    pub fn link_ended(&self, backend: &str, transport: Option<&str>) {
+    pub fn link_ended(&self, backend: &str, transport: Option<Transport>) {
         if let Some(t) = transport {
             self.link(backend, t).set(0);
         }
     }
 
-    fn link(&self, backend: &str, transport: &str) -> Gauge {
+    fn link(&self, backend: &str, transport: Transport) -> Gauge {
         self.links
             .get_or_create(&LinkLabels {
                 backend: backend.to_string(),
-                transport: transport.to_string(),
+                transport: transport.label().to_string(),
             })
             .clone()
     }
@@ -206,9 +155,7 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
                     *resp.body_mut() = Full::new(bytes::Bytes::from(metrics().encode()));
                     resp.headers_mut().insert(
                         header::CONTENT_TYPE,
-                        HeaderValue::from_static(
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        ),
+                        HeaderValue::from_static(backhaul_common::metrics::CONTENT_TYPE),
                     );
                 } else {
                     *resp.status_mut() = StatusCode::NOT_FOUND;

@@ -9,27 +9,10 @@
 //! [`Ladder`] decides which one carries the link next from how the last spell on one ended; it
 //! does no IO (`Link::run` carries out what it says), so its rules are tested here alone.
 
-use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// A concrete transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    WebSocket,
-    Http2,
-    LongPoll,
-}
-
-impl fmt::Display for Transport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Transport::WebSocket => "websocket",
-            Transport::Http2 => "http2",
-            Transport::LongPoll => "longpoll",
-        })
-    }
-}
+pub use backhaul_common::transport::Transport;
 
 /// What the operator asked for: one transport, or the fastest that works.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,6 +47,21 @@ pub fn observe(exchanges: &Exchanges, kind: &'static str, took: Duration) {
         .get_or_create(&KindLabel { kind })
         .observe(took.as_secs_f64());
 }
+
+/// Registers `metric` in `registry` as `name` with `help`, and returns it for the program's
+/// counters (the registry holds a clone that shares its values).
+pub fn registered<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// The `Content-Type` of what [`encode`] writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Everything in `registry`, in the OpenMetrics text format.
 pub fn encode(registry: &Registry) -> String {

@@ -13,11 +13,45 @@ use crate::wire::Batch;
 use crate::ws::{Event, Role, WsError, WsReader, WsWriter};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::Stream;
+use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::futures::Notified;
 use tokio::sync::mpsc;
+
+/// The transports an agent link can use (docs/protocol.md "Transports"), as the agent chooses
+/// them and the relay counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket = 1,
+    Http2 = 2,
+    LongPoll = 3,
+}
+
+impl Transport {
+    /// Its name in flags, logs and metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Http2 => "http2",
+            Transport::LongPoll => "longpoll",
+        }
+    }
+
+    /// The transport whose `as u8` is `n`, if any (for keeping one in an atomic).
+    pub fn from_u8(n: u8) -> Option<Self> {
+        [Transport::WebSocket, Transport::Http2, Transport::LongPoll]
+            .into_iter()
+            .find(|t| *t as u8 == n)
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
 use tokio::time::Instant;
 
 /// Bytes of the length prefix before each batch on an HTTP/2 body.

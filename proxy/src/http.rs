@@ -174,9 +174,7 @@ pub async fn handle(
                 let mut resp = Response::new(full(ctx.hub.scrape()));
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
-                    HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
+                    HeaderValue::from_static(backhaul_common::metrics::CONTENT_TYPE),
                 );
                 resp
             }

@@ -10,6 +10,7 @@ use backhaul_common::api::{LinkInfo, OpenRequest};
 use backhaul_common::reliable::{Arrival, RecvState, SendBuffer, StreamCursor, StreamNext};
 use backhaul_common::secret::SecretHash;
 use backhaul_common::session::{new_session, FrameSink, SessionHandle, SessionPeer};
+pub use backhaul_common::transport::Transport;
 use backhaul_common::window::{Budget, WindowConfig};
 use backhaul_common::wire::{Batch, BatchEncoder, BatchHeader, BatchReader, Frame, Kind};
 use bytes::Bytes;
@@ -308,33 +309,6 @@ impl RelaySession {
         }
         *st = SessionState::Pending(Vec::new());
         true
-    }
-}
-
-/// The transports an agent link can use (docs/protocol.md "Transports").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    WebSocket = 1,
-    Http2 = 2,
-    LongPoll = 3,
-}
-
-impl Transport {
-    pub fn label(self) -> &'static str {
-        match self {
-            Transport::WebSocket => "websocket",
-            Transport::Http2 => "http2",
-            Transport::LongPoll => "longpoll",
-        }
-    }
-
-    fn from_u8(n: u8) -> Option<Self> {
-        match n {
-            1 => Some(Transport::WebSocket),
-            2 => Some(Transport::Http2),
-            3 => Some(Transport::LongPoll),
-            _ => None,
-        }
     }
 }
 

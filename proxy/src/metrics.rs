@@ -7,7 +7,7 @@
 //! create series by asking for made-up IDs); after [`MAX_BACKEND_SERIES`] distinct IDs, further
 //! ones are counted under `_other`. `reason` and `transport` come from fixed sets.
 
-use backhaul_common::metrics::{encode, exchanges, Exchanges};
+use backhaul_common::metrics::{encode, exchanges, registered, Exchanges};
 pub use backhaul_common::metrics::{BackendLabel, BytesLabels, LinkLabels};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -111,85 +111,75 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("backhaul_relay");
-        let links = Family::<LinkLabels, Gauge>::default();
-        registry.register(
-            "agent_links",
-            "Agent links registered now, by backend and the transport they last used",
-            links.clone(),
-        );
-        let sessions_open = Family::<BackendLabel, Gauge>::default();
-        registry.register(
-            "sessions_open",
-            "Sessions held now (bound to an agent or waiting for one)",
-            sessions_open.clone(),
-        );
-        let sessions_pending = Family::<BackendLabel, Gauge>::default();
-        registry.register(
-            "sessions_pending",
-            "Sessions waiting for an agent to take them",
-            sessions_pending.clone(),
-        );
-        let sessions_opened = Family::<BackendLabel, Counter>::default();
-        registry.register(
-            "sessions_opened",
-            "Sessions opened (frontends' WebSockets and exposed ports' clients)",
-            sessions_opened.clone(),
-        );
-        let session_bytes = Family::<BytesLabels, Counter>::default();
-        registry.register(
-            "session_bytes",
-            "Payload bytes of ended sessions, by direction",
-            session_bytes.clone(),
-        );
-        let registrations = Family::<BackendLabel, Counter>::default();
-        registry.register(
-            "agent_registrations",
-            "Agent registrations accepted",
-            registrations.clone(),
-        );
-        let refusals = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "refusals",
-            "Requests and connections refused, by reason",
-            refusals.clone(),
-        );
-        let transport_changes = Family::<ChangeLabels, Counter>::default();
-        registry.register(
-            "transport_changes",
-            "Agent links that moved from one transport to another (fallbacks and upgrades)",
-            transport_changes.clone(),
-        );
-        let exchange_seconds = exchanges();
-        registry.register(
-            "longpoll_exchange_seconds",
-            "How long long-poll requests took to answer (polls include their hold)",
-            exchange_seconds.clone(),
-        );
-        let frames_resent = Counter::default();
-        registry.register(
-            "frames_resent",
-            "Frames sent to agents again, after a lost poll or a broken stream",
-            frames_resent.clone(),
-        );
-        let window_stalls = Counter::default();
-        registry.register(
-            "window_stalls",
-            "Frames whose sender said it was held back by the session's window",
-            window_stalls.clone(),
-        );
+        let r = &mut registry;
         Self {
+            links: registered(
+                r,
+                "agent_links",
+                "Agent links registered now, by backend and the transport they last used",
+                Default::default(),
+            ),
+            sessions_open: registered(
+                r,
+                "sessions_open",
+                "Sessions held now (bound to an agent or waiting for one)",
+                Default::default(),
+            ),
+            sessions_pending: registered(
+                r,
+                "sessions_pending",
+                "Sessions waiting for an agent to take them",
+                Default::default(),
+            ),
+            sessions_opened: registered(
+                r,
+                "sessions_opened",
+                "Sessions opened (frontends' WebSockets and exposed ports' clients)",
+                Default::default(),
+            ),
+            session_bytes: registered(
+                r,
+                "session_bytes",
+                "Payload bytes of ended sessions, by direction",
+                Default::default(),
+            ),
+            registrations: registered(
+                r,
+                "agent_registrations",
+                "Agent registrations accepted",
+                Default::default(),
+            ),
+            refusals: registered(
+                r,
+                "refusals",
+                "Requests and connections refused, by reason",
+                Default::default(),
+            ),
+            transport_changes: registered(
+                r,
+                "transport_changes",
+                "Agent links that moved from one transport to another (fallbacks and upgrades)",
+                Default::default(),
+            ),
+            exchange_seconds: registered(
+                r,
+                "longpoll_exchange_seconds",
+                "How long long-poll requests took to answer (polls include their hold)",
+                exchanges(),
+            ),
+            frames_resent: registered(
+                r,
+                "frames_resent",
+                "Frames sent to agents again, after a lost poll or a broken stream",
+                Default::default(),
+            ),
+            window_stalls: registered(
+                r,
+                "window_stalls",
+                "Frames whose sender said it was held back by the session's window",
+                Default::default(),
+            ),
             registry,
-            links,
-            sessions_open,
-            sessions_pending,
-            sessions_opened,
-            session_bytes,
-            registrations,
-            refusals,
-            transport_changes,
-            exchange_seconds,
-            frames_resent,
-            window_stalls,
             backends: Mutex::new(HashSet::new()),
             recent: Mutex::new(HashMap::new()),
             scrape: Mutex::new(()),

@@ -98,16 +98,16 @@ pub fn page(hub: &Hub) -> Response<crate::http::Body> {
         html.push_str("<p class=muted>No agent is registered and no session is open.</p>");
     }
     for b in &backends {
-        let label = m.backend(&b.id).backend;
+        let label = m.backend(&b.id);
         let moved = |direction| {
             m.session_bytes
                 .get_or_create(&BytesLabels {
-                    backend: label.clone(),
+                    backend: label.backend.clone(),
                     direction,
                 })
                 .get()
         };
-        let opened = m.sessions_opened.get_or_create(&m.backend(&b.id)).get();
+        let opened = m.sessions_opened.get_or_create(&label).get();
         let _ = write!(
             html,
             "<h2>{}</h2><p>{} open{} &middot; {opened} opened &middot; ended sessions carried {} to the backend, {} to clients</p>",
