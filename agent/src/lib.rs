@@ -402,9 +402,8 @@ pub async fn register(
     hello: &Hello,
 ) -> Result<LinkInfo, refused::Failure> {
     let url = format!("{}{LINKS_PATH}", cfg.relay_base());
-    let body = serde_json::to_vec(hello).map_err(|e| refused::Failure {
-        message: format!("could not encode the registration: {e}"),
-        lasting: true,
+    let body = serde_json::to_vec(hello).map_err(|e| {
+        refused::Failure::lasting(format!("could not encode the registration: {e}"))
     })?;
     let mut req = client
         .post(&url)
@@ -430,17 +429,11 @@ pub async fn register(
         return Err(refused::answer(&url, status.as_u16(), &content_type, &text));
     }
     let not_a_relay = |why: String| {
-        refused::Failure {
-        message: format!("{url} answered the registration with {why}: is it really a backhaul relay? check --relay"),
-        lasting: true,
-    }
+        refused::Failure::lasting(format!("{url} answered the registration with {why}: is it really a backhaul relay? check --relay"))
     };
     let body = body::read_limited(resp, body::MAX_JSON_BODY, "registration")
         .await
-        .map_err(|e| refused::Failure {
-            message: e.to_string(),
-            lasting: false,
-        })?;
+        .map_err(|e| refused::Failure::transient(e.to_string()))?;
     let info: LinkInfo = serde_json::from_slice(&body)
         .map_err(|e| not_a_relay(format!("something that is not a backhaul answer ({e})")))?;
     if info.window < 1024 || info.max_batch_bytes < 1024 || info.poll_hold_ms == 0 {

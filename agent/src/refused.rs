@@ -15,6 +15,24 @@ pub struct Failure {
     pub lasting: bool,
 }
 
+impl Failure {
+    /// A failure only a change of configuration fixes.
+    pub fn lasting(message: String) -> Self {
+        Self {
+            message,
+            lasting: true,
+        }
+    }
+
+    /// A failure that retrying soon may fix.
+    pub fn transient(message: String) -> Self {
+        Self {
+            message,
+            lasting: false,
+        }
+    }
+}
+
 /// Retries after a lasting failure start here and double up to [`LASTING_MAX`].
 pub const LASTING_INITIAL: Duration = Duration::from_secs(30);
 pub const LASTING_MAX: Duration = Duration::from_secs(300);
@@ -22,59 +40,44 @@ pub const LASTING_MAX: Duration = Duration::from_secs(300);
 /// Classifies the relay's non-2xx answer to a registration at `url`: its status, its
 /// `Content-Type`, and the start of its body.
 pub fn answer(url: &str, status: u16, content_type: &str, body: &str) -> Failure {
+    let start = body.trim_start().to_ascii_lowercase();
     let html = content_type.starts_with("text/html")
-        || body
-            .trim_start()
-            .to_ascii_lowercase()
-            .starts_with("<!doctype")
-        || body.trim_start().to_ascii_lowercase().starts_with("<html");
+        || start.starts_with("<!doctype")
+        || start.starts_with("<html");
     let said = if html || body.trim().is_empty() {
         String::new()
     } else {
         format!(" (the relay said: {})", one_line(body))
     };
-    let lasting = |message: String| Failure {
-        message,
-        lasting: true,
-    };
     match status {
-        401 => lasting(format!(
+        401 => Failure::lasting(format!(
             "the relay refused this agent's credential{said}; check --agent-token-file and --backend-id against the relay's credentials"
         )),
-        403 => lasting(format!("the relay refused the registration{said}")),
-        404 if !html && body.contains("nothing at") => lasting(format!(
+        403 => Failure::lasting(format!("the relay refused the registration{said}")),
+        404 if !html && body.contains("nothing at") => Failure::lasting(format!(
             "{url} is not the relay's agent API{said}; give --relay the relay's base URL (e.g. http://relay.example:8080)"
         )),
-        426 => lasting(format!(
+        426 => Failure::lasting(format!(
             "the relay speaks another protocol version{said}; run the same backhaul version on agent and relay"
         )),
-        409 => Failure {
-            // A port another backend holds may come free.
-            message: format!("the relay could not expose the backend{said}"),
-            lasting: false,
-        },
+        // A port another backend holds may come free.
+        409 => Failure::transient(format!("the relay could not expose the backend{said}")),
         // A relay implements every method it is asked for: 501 comes from something else.
-        501 => lasting(format!(
+        501 => Failure::lasting(format!(
             "{url} answered 501{}: it is not a backhaul relay; check --relay",
             if html { " with an HTML page" } else { "" }
         )),
         // A proxy's or the relay's trouble that may pass (an nginx 502 page while the relay
         // restarts, a body that timed out, too many requests): soon, whatever the page looks like.
-        500..=599 | 408 | 429 => Failure {
-            message: format!("the relay answered {status}{said}"),
-            lasting: false,
-        },
-        _ if html => lasting(format!(
+        500..=599 | 408 | 429 => Failure::transient(format!("the relay answered {status}{said}")),
+        _ if html => Failure::lasting(format!(
             "{url} answered {status} with an HTML page: it is not a backhaul relay (a web server, or a proxy's error page); check --relay and the proxy settings"
         )),
-        404 | 405 => lasting(format!(
+        404 | 405 => Failure::lasting(format!(
             "{url} answered {status}{said}: it is not a backhaul relay; check --relay"
         )),
-        400..=499 => lasting(format!("the relay answered {status}{said}")),
-        _ => Failure {
-            message: format!("the relay answered {status}{said}"),
-            lasting: false,
-        },
+        400..=499 => Failure::lasting(format!("the relay answered {status}{said}")),
+        _ => Failure::transient(format!("the relay answered {status}{said}")),
     }
 }
 
@@ -89,25 +92,16 @@ pub fn no_answer(url: &str, error: &str) -> Failure {
             || e.contains("wrong version number")
             || e.contains("record overflow"))
     {
-        return Failure {
-            message: format!(
+        return Failure::lasting(format!(
                 "{url} did not answer TLS: the relay speaks plain HTTP there; use http:// in --relay (or serve TLS on the relay with --tls-cert)"
-            ),
-            lasting: true,
-        };
+            ));
     }
     if e.contains("invalid peer certificate") || e.contains("unknown issuer") {
-        return Failure {
-            message: format!(
-                "the relay's TLS certificate is not trusted ({error}); give the CA with --ca-cert"
-            ),
-            lasting: true,
-        };
+        return Failure::lasting(format!(
+            "the relay's TLS certificate is not trusted ({error}); give the CA with --ca-cert"
+        ));
     }
-    Failure {
-        message: format!("could not reach the relay at {url}: {error}"),
-        lasting: false,
-    }
+    Failure::transient(format!("could not reach the relay at {url}: {error}"))
 }
 
 /// The first line of `text`, at most 200 characters.
