@@ -301,10 +301,8 @@ async fn serve(args: Args) {
         std::process::exit(i32::from(failed));
     }
     // A --config file's `serve` list is read again on SIGHUP, unless --serve gave it.
-    let cli_serve = std::env::args_os().any(|a| {
-        a.to_str()
-            .is_some_and(|a| a == "--serve" || a.starts_with("--serve="))
-    });
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli_serve = backhaul_common::config::on_command_line(&argv, "serve");
     let reload = match (&args.runtime.config, cli_serve) {
         (Some(path), false) => {
             let path = path.clone();

@@ -99,16 +99,10 @@ pub fn prepare(program: &str, cmd: Command, argv: &[OsString]) -> Result<Command
             .and_then(|a| a.get_long())
             .map(str::to_string)
     };
-    let on_command_line = |long: &str| {
-        argv.iter().skip(1).any(|a| {
-            let a = a.to_string_lossy();
-            a == format!("--{long}") || a.starts_with(&format!("--{long}="))
-        })
-    };
     // The shared names of earlier versions, beneath the program's own (not the file's name:
     // one exported file name would send every program to the same file).
     for (id, new, old) in &names {
-        let long = long_of(id).filter(|l| !on_command_line(l));
+        let long = long_of(id).filter(|l| !on_command_line(argv, l));
         if !unset(new) {
             if let Some(long) = &long {
                 note_origin(long, format!("environment variable {new}"));
@@ -134,7 +128,7 @@ pub fn prepare(program: &str, cmd: Command, argv: &[OsString]) -> Result<Command
             let var = names.iter().find(|(i, _, _)| *i == id).map(|(_, n, _)| n);
             let arg = cmd.get_arguments().find(|a| a.get_id() == id.as_str());
             let delimiter = arg.and_then(|a| a.get_value_delimiter());
-            let long = long_of(&id).filter(|l| !on_command_line(l));
+            let long = long_of(&id).filter(|l| !on_command_line(argv, l));
             let taken = match var {
                 // An empty list sets nothing (the variable would read as one empty value).
                 Some(_) if values.is_empty() => false,
@@ -168,6 +162,14 @@ pub fn prepare(program: &str, cmd: Command, argv: &[OsString]) -> Result<Command
         cmd = cmd.mut_arg(&id, |a| a.default_values(values).required(false));
     }
     Ok(cmd)
+}
+
+/// Whether `argv` gives `--long` (as `--long VALUE` or `--long=VALUE`).
+pub fn on_command_line(argv: &[OsString], long: &str) -> bool {
+    argv.iter().skip(1).any(|a| {
+        let a = a.to_string_lossy();
+        a == format!("--{long}") || a.starts_with(&format!("--{long}="))
+    })
 }
 
 /// `--config PATH` / `--config=PATH` on the command line, else `<PREFIX>CONFIG`.
