@@ -138,22 +138,19 @@ cat <<'SH'
         | grep -q "^backhaul_relay_sessions_opened_total{backend=\"pkg\"} [1-9]" \
         || { echo "the relay under systemd does not count the session in /metrics" >&2; exit 1; }
     echo "the relay under systemd counts the session in /metrics"
-    systemctl reload backhaul-relay
-    for _ in $(seq 1 50); do
-        journalctl --no-pager -u backhaul-relay | grep -q "nothing to reload" && break
-        sleep 0.1
-    done
-    journalctl --no-pager -u backhaul-relay | grep -q "nothing to reload" \
-        || { echo "systemctl reload did not reach the relay" >&2; exit 1; }
-    systemctl is-active -q backhaul-relay
-    systemctl reload backhaul-agent
-    for _ in $(seq 1 50); do
-        journalctl --no-pager -u backhaul-agent | grep -q "reload done: serving pkg" && break
-        sleep 0.1
-    done
-    journalctl --no-pager -u backhaul-agent | grep -q "reload done: serving pkg" \
-        || { echo "systemctl reload did not reach the agent" >&2; exit 1; }
-    systemctl is-active -q backhaul-agent
+    # `systemctl reload` of backhaul-$1 must make it log $2 within 5 s and leave it running.
+    reloads() {
+        systemctl reload "backhaul-$1"
+        for _ in $(seq 1 50); do
+            journalctl --no-pager -u "backhaul-$1" | grep -q "$2" && break
+            sleep 0.1
+        done
+        journalctl --no-pager -u "backhaul-$1" | grep -q "$2" \
+            || { echo "systemctl reload did not reach the $1" >&2; exit 1; }
+        systemctl is-active -q "backhaul-$1"
+    }
+    reloads relay "nothing to reload"
+    reloads agent "reload done: serving pkg"
     echo "systemctl reload reaches the relay and the agent, which keep running"
     # A configuration error (exit 64) is not restarted over and over.
     echo "no-such-key = 1" >> /etc/backhaul/frontend.toml
